@@ -49,6 +49,9 @@ class LlamaConfig:
     remat: bool = False
 
     def __post_init__(self):
+        if self.head_dim is None:
+            # Frozen dataclass: the derived default is stored once so that equality sees one value.
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -62,10 +65,6 @@ class LlamaConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be float32, bfloat16 or float16")
-
-    @functools.cached_property
-    def head_size(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @functools.cached_property
     def num_query_groups(self) -> int:
@@ -148,7 +147,7 @@ class LlamaConfig:
             "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_size,
+            "head_dim": self.head_dim,
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,

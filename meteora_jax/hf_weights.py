@@ -27,7 +27,7 @@ class TensorSpec:
 
 
 def tensor_specs(config: LlamaConfig) -> list[TensorSpec]:
-    d, f, hs = config.hidden_size, config.intermediate_size, config.head_size
+    d, f, hs = config.hidden_size, config.intermediate_size, config.head_dim
     q_out, kv_out = config.num_attention_heads * hs, config.num_key_value_heads * hs
     per_layer = [
         ("self_attn.q_proj", ("self_attn", "q_proj", "kernel"), (d, q_out), True),

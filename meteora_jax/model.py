@@ -30,7 +30,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: LlamaConfig, batch: int, max_len: int) -> KVCache:
-        shape = (batch, max_len, config.num_key_value_heads, config.head_size)
+        shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
         zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_hidden_layers))
         return cls(
             keys=zeros,
@@ -63,7 +63,7 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, mask, kv, index):
         cfg = self.config
         b, t, _ = x.shape
-        n_kv, group, hs = cfg.num_key_value_heads, cfg.num_query_groups, cfg.head_size
+        n_kv, group, hs = cfg.num_key_value_heads, cfg.num_query_groups, cfg.head_dim
         q = self._proj("q_proj", cfg.num_attention_heads * hs)(x).reshape(b, t, n_kv * group, hs)
         k = self._proj("k_proj", n_kv * hs)(x).reshape(b, t, n_kv, hs)
         v = self._proj("v_proj", n_kv * hs)(x).reshape(b, t, n_kv, hs)

