@@ -18,7 +18,8 @@ class LinearFactory(Protocol):
     """Makes the module for one projection; the MeteoRA layer is another factory of this shape.
 
     `name` is one of PROJECTIONS and is also the parameter scope, so base weights keep
-    Hugging Face's names whatever factory built them. The module is called as `module(x)`.
+    Hugging Face's names whatever factory built them. The module is called as
+    `module(x, routing)`, `routing` being a `Routing` or None; plain layers ignore it.
     """
 
     def __call__(
@@ -26,13 +27,25 @@ class LinearFactory(Protocol):
     ) -> nn.Module: ...
 
 
+class Linear(nn.Module):
+    """Bias-free projection with a [in, out] `kernel`, computed in `dtype`."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, routing=None) -> jax.Array:
+        del routing
+        kernel = self.param("kernel", weight_init, (x.shape[-1], self.features), self.param_dtype)
+        return jnp.einsum("...I,IO->...O", x.astype(self.dtype), kernel.astype(self.dtype))
+
+
 def dense_linear(
     *, name: str, layer_index: int, features: int, dtype: jnp.dtype, param_dtype: jnp.dtype
 ) -> nn.Module:
     del layer_index
-    return nn.Dense(
-        features, use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=weight_init, name=name
-    )
+    return Linear(features, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class RMSNorm(nn.Module):

@@ -13,6 +13,7 @@ from flax import struct
 
 from meteora_jax.config import LlamaConfig
 from meteora_jax.layers import LinearFactory, RMSNorm, dense_linear, weight_init
+from meteora_jax.routing import Routing
 from meteora_jax.rope import apply_rotary, inverse_frequencies, rotary_tables
 
 # Finite, so that a query row with every key masked (a padding token) gives uniform weights, not NaN.
@@ -60,13 +61,13 @@ class Attention(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv, index):
+    def __call__(self, x, cos, sin, mask, kv, index, routing):
         cfg = self.config
         b, t, _ = x.shape
         n_kv, group, hs = cfg.num_key_value_heads, cfg.num_query_groups, cfg.head_dim
-        q = self._proj("q_proj", cfg.num_attention_heads * hs)(x).reshape(b, t, n_kv * group, hs)
-        k = self._proj("k_proj", n_kv * hs)(x).reshape(b, t, n_kv, hs)
-        v = self._proj("v_proj", n_kv * hs)(x).reshape(b, t, n_kv, hs)
+        q = self._proj("q_proj", cfg.num_attention_heads * hs)(x, routing).reshape(b, t, n_kv * group, hs)
+        k = self._proj("k_proj", n_kv * hs)(x, routing).reshape(b, t, n_kv, hs)
+        v = self._proj("v_proj", n_kv * hs)(x, routing).reshape(b, t, n_kv, hs)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if kv is not None:
@@ -80,7 +81,7 @@ class Attention(nn.Module):
         scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n_kv * group * hs)
-        return self._proj("o_proj", cfg.hidden_size)(out.astype(x.dtype)), kv
+        return self._proj("o_proj", cfg.hidden_size)(out.astype(x.dtype), routing), kv
 
 
 class MLP(nn.Module):
@@ -89,12 +90,12 @@ class MLP(nn.Module):
     linear: LinearFactory
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, routing):
         cfg = self.config
         common = dict(layer_index=self.layer_index, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
-        gate = self.linear(name="gate_proj", features=cfg.intermediate_size, **common)(x)
-        up = self.linear(name="up_proj", features=cfg.intermediate_size, **common)(x)
-        return self.linear(name="down_proj", features=cfg.hidden_size, **common)(nn.silu(gate) * up)
+        gate = self.linear(name="gate_proj", features=cfg.intermediate_size, **common)(x, routing)
+        up = self.linear(name="up_proj", features=cfg.intermediate_size, **common)(x, routing)
+        return self.linear(name="down_proj", features=cfg.hidden_size, **common)(nn.silu(gate) * up, routing)
 
 
 class DecoderLayer(nn.Module):
@@ -103,14 +104,14 @@ class DecoderLayer(nn.Module):
     linear: LinearFactory
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv, index):
+    def __call__(self, x, cos, sin, mask, kv, index, routing):
         cfg = self.config
         norm = dict(eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
         h = RMSNorm(**norm, name="input_layernorm")(x)
-        attn, kv = Attention(cfg, self.layer_index, self.linear, name="self_attn")(h, cos, sin, mask, kv, index)
+        attn, kv = Attention(cfg, self.layer_index, self.linear, name="self_attn")(h, cos, sin, mask, kv, index, routing)
         x = x + attn
         h = RMSNorm(**norm, name="post_attention_layernorm")(x)
-        return x + MLP(cfg, self.layer_index, self.linear, name="mlp")(h), kv
+        return x + MLP(cfg, self.layer_index, self.linear, name="mlp")(h, routing), kv
 
 
 class LlamaForCausalLM(nn.Module):
@@ -126,12 +127,15 @@ class LlamaForCausalLM(nn.Module):
         padding_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         *,
+        routing: Routing | None = None,
         last_logits_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits [B, T, V] (or [B, 1, V]) in float32, and the cache with these tokens appended.
 
         tokens: [B, T] ids. padding_mask: [B, T], False on (left) padding. With a cache, the
         tokens are written at `cache.index` and attend to everything cached before them.
+        routing: call-time MeteoRA settings (top-k, temperature, strategy, forcing), passed
+        unchanged to every projection.
         """
         cfg = self.config
         b, t = tokens.shape
@@ -165,7 +169,7 @@ class LlamaForCausalLM(nn.Module):
         new_keys, new_values = [], []
         for i in range(cfg.num_hidden_layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = layer_cls(cfg, i, self.linear, name=f"layers_{i}")(x, cos, sin, mask, kv, index)
+            x, kv = layer_cls(cfg, i, self.linear, name=f"layers_{i}")(x, cos, sin, mask, kv, index, routing)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])

@@ -1,0 +1,116 @@
+"""The MeteoRA mixture of LoRA adapters as pure functions: top-k routing and four ways to apply it.
+
+Every strategy computes, for each token m,
+    delta[m] = sum_j  w[m, j] * scaling[idx[m, j]] * (x[m] @ A[idx[m, j]]) @ B[idx[m, j]]
+Axis letters: M tokens, I input features, O output features, N adapters, R rank, K chosen slots.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Strategy = Literal["loop", "bmm", "dense", "grouped", "auto"]
+STRATEGIES = ("loop", "bmm", "dense", "grouped", "auto")
+
+# N * r up to which `dense` (every adapter's x @ A in one matmul) beats gathering; from bench/NOTES.md.
+DENSE_MAX_TOTAL_RANK = 4096
+
+
+def route(gate_logits: jax.Array, top_k: int, temperature) -> tuple[jax.Array, jax.Array]:
+    """Top-k adapter indices [M, K] and their softmax(logits / T) weights [M, K] in float32.
+
+    Ties go to the lower adapter index (lax.top_k's order), so routing is deterministic.
+    """
+    n = gate_logits.shape[-1]
+    if not 1 <= top_k <= n:
+        raise ValueError(f"top_k={top_k} must be between 1 and the number of adapters ({n})")
+    values, indices = jax.lax.top_k(gate_logits.astype(jnp.float32), top_k)
+    return indices, jax.nn.softmax(values / temperature, axis=-1)
+
+
+def coefficients(indices: jax.Array, weights: jax.Array, num_adapters: int) -> jax.Array:
+    """Dense [M, N] mixing coefficients: each token's routing weight per adapter, zero if not chosen."""
+    one_hot = jax.nn.one_hot(indices, num_adapters, dtype=weights.dtype)  # [M, K, N]
+    return jnp.einsum("MK,MKN->MN", weights, one_hot)
+
+
+def mixture_loop(x, lora_a, lora_b, scaling, indices, weights):
+    """Reference: one adapter at a time, applied with its coefficient (zero for tokens that skipped it)."""
+    coef = coefficients(indices, weights, lora_a.shape[0]) * scaling  # [M, N]
+
+    def one_adapter(delta, adapter):
+        a, b, c = adapter
+        h = jnp.dot(x, a, preferred_element_type=jnp.float32)  # [M, R]
+        return delta + jnp.dot(h * c[:, None], b.astype(jnp.float32)), None
+
+    delta0 = jnp.zeros((x.shape[0], lora_b.shape[-1]), jnp.float32)
+    delta, _ = jax.lax.scan(one_adapter, delta0, (lora_a, lora_b, coef.T))
+    return delta
+
+
+def mixture_bmm(x, lora_a, lora_b, scaling, indices, weights):
+    """The paper's bmm form: gather each token's k adapters, then batched matmuls per token."""
+
+    def one_token(x_m, idx_m, w_m):
+        a = lora_a[idx_m]  # [K, I, R]
+        b = lora_b[idx_m]  # [K, R, O]
+        h = jnp.einsum("I,KIR->KR", x_m, a, preferred_element_type=jnp.float32)
+        h = h * (w_m * scaling[idx_m])[:, None]
+        return jnp.einsum("KR,KRO->O", h, b.astype(jnp.float32))
+
+    return jax.vmap(one_token)(x, indices, weights)
+
+
+def mixture_dense(x, lora_a, lora_b, scaling, indices, weights):
+    """x @ A for all adapters in one matmul, scaled by the sparse coefficients, then one matmul with B."""
+    n, _, r = lora_a.shape
+    coef = coefficients(indices, weights, n) * scaling  # [M, N]
+    h = jnp.einsum("MI,NIR->MNR", x, lora_a, preferred_element_type=jnp.float32)
+    h = (h * coef[:, :, None]).astype(x.dtype)
+    return jnp.einsum("MNR,NRO->MO", h, lora_b, preferred_element_type=jnp.float32)
+
+
+def mixture_grouped(x, lora_a, lora_b, scaling, indices, weights):
+    """(token, slot) pairs sorted by adapter, then two grouped matmuls (lax.ragged_dot)."""
+    m, k = indices.shape
+    n = lora_a.shape[0]
+    flat_adapter = indices.reshape(-1)
+    order = jnp.argsort(flat_adapter, stable=True)
+    token_of_pair = order // k
+    sorted_adapter = flat_adapter[order]
+    group_sizes = jnp.bincount(flat_adapter, length=n).astype(jnp.int32)
+    h = jax.lax.ragged_dot(x[token_of_pair], lora_a, group_sizes, preferred_element_type=jnp.float32)
+    h = h * (weights.reshape(-1)[order] * scaling[sorted_adapter])[:, None]
+    out = jax.lax.ragged_dot(h.astype(x.dtype), lora_b, group_sizes, preferred_element_type=jnp.float32)
+    return jax.ops.segment_sum(out, token_of_pair, num_segments=m)
+
+
+def pick_strategy(tokens: int, num_adapters: int, rank: int, in_features: int, out_features: int) -> str:
+    """The `auto` choice, from the crossovers measured in bench/NOTES.md."""
+    del tokens, in_features, out_features
+    return "dense" if num_adapters * rank <= DENSE_MAX_TOTAL_RANK else "grouped"
+
+
+_IMPLEMENTATIONS = {
+    "loop": mixture_loop,
+    "bmm": mixture_bmm,
+    "dense": mixture_dense,
+    "grouped": mixture_grouped,
+}
+
+
+def lora_mixture(x, lora_a, lora_b, scaling, indices, weights, strategy: str = "auto") -> jax.Array:
+    """delta [M, O] in float32 for tokens x [M, I]; see the module docstring for the formula."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    n, i, r = lora_a.shape
+    if x.shape[-1] != i or lora_b.shape[:2] != (n, r) or scaling.shape != (n,):
+        raise ValueError(
+            f"shape mismatch: x {x.shape}, lora_a {lora_a.shape}, lora_b {lora_b.shape}, scaling {scaling.shape}"
+        )
+    if strategy == "auto":
+        strategy = pick_strategy(x.shape[0], n, r, i, lora_b.shape[-1])
+    return _IMPLEMENTATIONS[strategy](x, lora_a, lora_b, scaling.astype(jnp.float32), indices, weights)

@@ -1,0 +1,119 @@
+"""The MeteoRA dense layer: a frozen base projection plus N LoRA adapters mixed per token by a top-k gate.
+
+Parameters of one projection (Hugging Face name kept for the base kernel):
+    q_proj/kernel              [in, out]   frozen base weight
+    q_proj/meteora/lora_a      [N, in, r]  adapters' A, zero-padded to the largest rank
+    q_proj/meteora/lora_b      [N, r, out]
+    q_proj/meteora/scaling     [N]         alpha / r (or alpha / sqrt(r) for rsLoRA)
+    q_proj/meteora/gate        [in, N]     the trained gate, no bias
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from meteora_jax.layers import PROJECTIONS, Linear, weight_init
+from meteora_jax.lora_mixture import STRATEGIES, lora_mixture, route
+from meteora_jax.routing import Routing
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeteoraConfig:
+    num_adapters: int
+    rank: int
+    targets: tuple[str, ...] = PROJECTIONS
+    top_k: int = 2
+    temperature: float = 1.0
+    strategy: str = "auto"
+    gate_init_std: float = 0.02
+
+    def __post_init__(self):
+        unknown = set(self.targets) - set(PROJECTIONS)
+        if unknown:
+            raise ValueError(f"unknown MeteoRA targets {sorted(unknown)}; choose from {PROJECTIONS}")
+        if self.num_adapters < 1 or self.rank < 1:
+            raise ValueError(f"num_adapters={self.num_adapters} and rank={self.rank} must be >= 1")
+        if not 1 <= self.top_k <= self.num_adapters:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and num_adapters={self.num_adapters}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
+
+
+class MeteoraDense(nn.Module):
+    features: int
+    meteora: MeteoraConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, routing: Routing | None = None) -> jax.Array:
+        cfg, routing = self.meteora, routing or Routing()
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", weight_init, (in_features, self.features), self.param_dtype)
+        y = jnp.einsum("...I,IO->...O", x.astype(self.dtype), kernel.astype(self.dtype))
+        bank = AdapterBank(cfg, in_features, self.features, self.param_dtype, name="meteora")()
+        if routing.adapters_off:
+            return y
+
+        flat = x.reshape(-1, in_features).astype(self.dtype)
+        gate_logits = jnp.dot(flat.astype(jnp.float32), bank["gate"].astype(jnp.float32))  # [M, N]
+        self.sow("intermediates", "gate_logits", gate_logits.reshape(*x.shape[:-1], cfg.num_adapters))
+        indices, weights = self._choose(gate_logits, routing)
+        self.sow("intermediates", "adapter_indices", indices.reshape(*x.shape[:-1], -1))
+        delta = lora_mixture(
+            flat, bank["lora_a"].astype(self.dtype), bank["lora_b"].astype(self.dtype), bank["scaling"],
+            indices, weights, routing.strategy or cfg.strategy,
+        )
+        return y + delta.reshape(y.shape).astype(y.dtype)
+
+    def _choose(self, gate_logits: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array]:
+        m, n = gate_logits.shape
+        if routing.force_adapter is not None:
+            if not 0 <= routing.force_adapter < n:
+                raise ValueError(f"force_adapter={routing.force_adapter} is not an adapter index (0..{n - 1})")
+            return jnp.full((m, 1), routing.force_adapter, jnp.int32), jnp.ones((m, 1), jnp.float32)
+        if routing.assignment is not None:
+            chosen = routing.assignment.reshape(m, 1).astype(jnp.int32)
+            # -1 means "no adapter": any index with weight 0 contributes nothing.
+            return jnp.maximum(chosen, 0), (chosen >= 0).astype(jnp.float32)
+        top_k = routing.top_k or self.meteora.top_k
+        return route(gate_logits, top_k, routing.temperature or self.meteora.temperature)
+
+
+class AdapterBank(nn.Module):
+    """Holds the stacked adapters and the gate of one projection under the `meteora` scope."""
+
+    config: MeteoraConfig
+    in_features: int
+    out_features: int
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self) -> dict[str, jax.Array]:
+        n, r = self.config.num_adapters, self.config.rank
+        return {
+            "lora_a": self.param("lora_a", weight_init, (n, self.in_features, r), self.param_dtype),
+            # Zero B, as PEFT initialises it: a fresh bank leaves the base model's function unchanged.
+            "lora_b": self.param("lora_b", nn.initializers.zeros, (n, r, self.out_features), self.param_dtype),
+            "scaling": self.param("scaling", nn.initializers.ones, (n,), jnp.float32),
+            "gate": self.param(
+                "gate", nn.initializers.normal(self.config.gate_init_std), (self.in_features, n), jnp.float32
+            ),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class MeteoraLinear:
+    """Linear-layer factory: MeteoRA layers for the configured targets, plain ones elsewhere."""
+
+    config: MeteoraConfig
+
+    def __call__(self, *, name, layer_index, features, dtype, param_dtype) -> nn.Module:
+        del layer_index
+        if name in self.config.targets:
+            return MeteoraDense(features, self.config, dtype=dtype, param_dtype=param_dtype, name=name)
+        return Linear(features, dtype=dtype, param_dtype=param_dtype, name=name)
