@@ -21,6 +21,7 @@ import numpy as np
 from flax import struct
 
 from meteora_jax.model import KVCache
+from meteora_jax.routing import Routing
 from meteora_jax.sampling import Sampling, next_token
 
 # Prompt lengths are rounded up to a multiple of this, so nearby lengths share one compiled program.
@@ -53,8 +54,15 @@ def generate(
     sampling: Sampling = Sampling(),
     seed: int = 0,
     pad_id: int = 0,
+    routing: Routing | None = None,
 ) -> Generation:
-    """Generates up to `max_new_tokens` for each token-id prompt; prompts may differ in length."""
+    """Generates up to `max_new_tokens` for each token-id prompt; prompts may differ in length.
+
+    routing: MeteoRA call-time settings (top-k, temperature, forced adapter); per-token
+    `assignment` is not available here since generated tokens have no assignment yet.
+    """
+    if routing is not None and routing.assignment is not None:
+        raise ValueError("generate() takes no per-token routing assignment; use force_adapter")
     config = module.config
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -74,7 +82,7 @@ def generate(
         mask[row, width - len(prompt) :] = True
     out, steps, done = _generate_jit(
         module, params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed),
-        max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), sampling=sampling, pad_id=pad_id,
+        max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), sampling=sampling, pad_id=pad_id, routing=routing,
     )
     out, done = np.asarray(out), np.asarray(done)
     eos = np.isin(out, list(eos_ids))
@@ -82,12 +90,12 @@ def generate(
     return Generation([out[r, :n].tolist() for r, n in enumerate(lengths)], done.tolist())
 
 
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "eos_ids", "sampling", "pad_id"))
-def _generate_jit(module, params, tokens, mask, key, *, max_new_tokens, eos_ids, sampling, pad_id):
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "eos_ids", "sampling", "pad_id", "routing"))
+def _generate_jit(module, params, tokens, mask, key, *, max_new_tokens, eos_ids, sampling, pad_id, routing):
     batch, width = tokens.shape
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     cache = KVCache.empty(module.config, batch, width + max_new_tokens)
-    logits, cache = module.apply({"params": params}, tokens, mask, cache, last_logits_only=True)
+    logits, cache = module.apply({"params": params}, tokens, mask, cache, routing=routing, last_logits_only=True)
     key, sub = jax.random.split(key)
     first = next_token(logits[:, -1], sub, sampling)
     state = _DecodeState(
@@ -103,7 +111,9 @@ def _generate_jit(module, params, tokens, mask, key, *, max_new_tokens, eos_ids,
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def decode_one(s: _DecodeState) -> _DecodeState:
-        logits, cache = module.apply({"params": params}, s.last[:, None], None, s.cache, last_logits_only=True)
+        logits, cache = module.apply(
+            {"params": params}, s.last[:, None], None, s.cache, routing=routing, last_logits_only=True
+        )
         key, sub = jax.random.split(s.key)
         token = jnp.where(s.done, pad_id, next_token(logits[:, -1], sub, sampling))
         out = jax.lax.dynamic_update_slice(s.out, token[:, None], (0, s.step))

@@ -1,0 +1,98 @@
+"""Every MeteoRA forward strategy against the `loop` reference, on random shapes (hypothesis)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meteora_jax.lora_mixture import lora_mixture, route
+
+FAST = ("bmm", "dense", "grouped", "auto")
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+def rel_error(ours, ref):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(1, 9))
+    return dict(
+        m=draw(st.sampled_from([1, 2, 7, 16, 33])), n=n, k=draw(st.integers(1, n)), r=draw(st.integers(1, 8)),
+        i=draw(st.integers(1, 24)), o=draw(st.integers(1, 24)), ties=draw(st.booleans()),
+        temperature=draw(st.sampled_from([0.5, 1.0, 15.0])), seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def make(p, dtype):
+    rng = np.random.default_rng(p["seed"])
+    x = rng.standard_normal((p["m"], p["i"]))
+    a = rng.standard_normal((p["n"], p["i"], p["r"]))
+    b = rng.standard_normal((p["n"], p["r"], p["o"]))
+    scaling = rng.uniform(0.25, 2.0, p["n"])
+    logits = rng.standard_normal((p["m"], p["n"]))
+    if p["ties"]:
+        logits = np.round(logits)  # many exact ties between adapters
+    cast = lambda v: jnp.asarray(v, dtype)  # noqa: E731
+    return cast(x), cast(a), cast(b), jnp.asarray(scaling, jnp.float32), jnp.asarray(logits, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@settings(max_examples=12, deadline=None)
+@given(p=problems())
+def test_strategies_equal_loop(dtype, p):
+    x, a, b, scaling, logits = make(p, dtype)
+    indices, weights = route(logits, p["k"], p["temperature"])
+    # The reference sees the same (rounded) inputs in float32.
+    ref = lora_mixture(*(v.astype(jnp.float32) for v in (x, a, b)), scaling, indices, weights, "loop")
+    for strategy in FAST:
+        out = lora_mixture(x, a, b, scaling, indices, weights, strategy)
+        assert out.shape == (p["m"], p["o"]) and out.dtype == jnp.float32
+        assert rel_error(out, ref) < TOLERANCE[dtype], strategy
+
+
+@settings(max_examples=6, deadline=None)
+@given(p=problems())
+def test_gradients_equal_loop(p):
+    x, a, b, scaling, logits = make(p, "float32")
+    cotangent = jnp.asarray(np.random.default_rng(p["seed"] + 1).standard_normal((p["m"], p["o"])), jnp.float32)
+
+    def loss(strategy, x, logits):
+        indices, weights = route(logits, p["k"], p["temperature"])
+        return jnp.sum(lora_mixture(x, a, b, scaling, indices, weights, strategy) * cotangent)
+
+    ref = jax.grad(loss, argnums=(1, 2))("loop", x, logits)
+    for strategy in FAST:
+        grads = jax.grad(loss, argnums=(1, 2))(strategy, x, logits)
+        for g, r in zip(grads, ref):
+            assert rel_error(g, r) < 1e-5 or np.abs(np.asarray(r)).max() == 0, strategy
+
+
+def test_route_breaks_ties_towards_lower_index_and_k1_weight_is_one():
+    indices, weights = route(jnp.zeros((3, 5)), 2, 1.0)
+    np.testing.assert_array_equal(indices, [[0, 1]] * 3)
+    np.testing.assert_allclose(weights, 0.5)
+    _, weights = route(jnp.asarray(np.random.default_rng(0).standard_normal((4, 6))), 1, 30.0)
+    np.testing.assert_array_equal(weights, 1.0)
+
+
+def test_temperature_flattens_the_weights():
+    logits = jnp.asarray([[4.0, 1.0, 0.0]])
+    sharp = route(logits, 2, 1.0)[1]
+    flat = route(logits, 2, 30.0)[1]
+    assert float(sharp[0, 0]) > 0.9 and abs(float(flat[0, 0]) - 0.5) < 0.05
+
+
+def test_bad_arguments():
+    x, a, b, s, logits = make(dict(m=2, n=3, k=1, r=2, i=4, o=5, ties=False, temperature=1.0, seed=0), "float32")
+    with pytest.raises(ValueError, match="top_k=4 must be between 1 and the number of adapters"):
+        route(logits, 4, 1.0)
+    idx, w = route(logits, 2, 1.0)
+    with pytest.raises(ValueError, match="unknown strategy 'fast'"):
+        lora_mixture(x, a, b, s, idx, w, "fast")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        lora_mixture(x[:, :3], a, b, s, idx, w, "dense")
