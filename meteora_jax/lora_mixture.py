@@ -15,8 +15,11 @@ import jax.numpy as jnp
 Strategy = Literal["loop", "bmm", "dense", "grouped", "auto"]
 STRATEGIES = ("loop", "bmm", "dense", "grouped", "auto")
 
-# N * r up to which `dense` (every adapter's x @ A in one matmul) beats gathering; from bench/NOTES.md.
-DENSE_MAX_TOTAL_RANK = 4096
+# N * r up to which `dense` (every adapter's x @ A in one matmul) is the fastest XLA form; above it
+# the per-token gather (`bmm`) wins. Measured on an H100 (bench/RESULTS.md): dense and bmm tie at
+# N * r = 512, and at N * r = 8192 bmm is 1.8-2x faster. `grouped` never wins while XLA lowers
+# ragged_dot to a dense dot.
+DENSE_MAX_TOTAL_RANK = 512
 
 
 def route(gate_logits: jax.Array, top_k: int, temperature) -> tuple[jax.Array, jax.Array]:
@@ -91,7 +94,7 @@ def mixture_grouped(x, lora_a, lora_b, scaling, indices, weights):
 def pick_strategy(tokens: int, num_adapters: int, rank: int, in_features: int, out_features: int) -> str:
     """The `auto` choice, from the crossovers measured in bench/NOTES.md."""
     del tokens, in_features, out_features
-    return "dense" if num_adapters * rank <= DENSE_MAX_TOTAL_RANK else "grouped"
+    return "dense" if num_adapters * rank <= DENSE_MAX_TOTAL_RANK else "bmm"
 
 
 _IMPLEMENTATIONS = {
