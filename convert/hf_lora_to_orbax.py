@@ -43,12 +43,14 @@ def main(argv=None) -> int:
                                      gates_from=gates)
         if not 1 <= args.top_k <= len(adapters):
             raise ValueError(f"--top-k {args.top_k} must be between 1 and the number of adapters ({len(adapters)})")
-        manifest.update(top_k=args.top_k, temperature=args.temperature, base_checkpoint=str(Path(args.base).absolute()))
+        manifest.update(top_k=args.top_k, temperature=args.temperature,
+                        base_checkpoint=str(Path(args.base).absolute()))
         save_meteora(args.out, tree, manifest, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}: {len(adapters)} adapters, rank {manifest['rank']}, targets {', '.join(manifest['targets'])}")
+    targets = ", ".join(manifest["targets"])
+    print(f"wrote {args.out}: {len(adapters)} adapters, rank {manifest['rank']}, targets {targets}")
     return 0
 
 

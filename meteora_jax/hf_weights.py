@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from meteora_jax.config import LlamaConfig
+from meteora_jax.layers import PROJECTION_PARENT
 
 # Tensors Hugging Face checkpoints may carry that are buffers, not weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -26,17 +27,22 @@ class TensorSpec:
     transpose: bool  # HF Linear weights are [out, in]; our kernels are [in, out]
 
 
+def projection_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each of the 7 projections."""
+    d, f = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return {
+        "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+        "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+    }
+
+
 def tensor_specs(config: LlamaConfig) -> list[TensorSpec]:
-    d, f, hs = config.hidden_size, config.intermediate_size, config.head_dim
-    q_out, kv_out = config.num_attention_heads * hs, config.num_key_value_heads * hs
+    d = config.hidden_size
     per_layer = [
-        ("self_attn.q_proj", ("self_attn", "q_proj", "kernel"), (d, q_out), True),
-        ("self_attn.k_proj", ("self_attn", "k_proj", "kernel"), (d, kv_out), True),
-        ("self_attn.v_proj", ("self_attn", "v_proj", "kernel"), (d, kv_out), True),
-        ("self_attn.o_proj", ("self_attn", "o_proj", "kernel"), (q_out, d), True),
-        ("mlp.gate_proj", ("mlp", "gate_proj", "kernel"), (d, f), True),
-        ("mlp.up_proj", ("mlp", "up_proj", "kernel"), (d, f), True),
-        ("mlp.down_proj", ("mlp", "down_proj", "kernel"), (f, d), True),
+        (f"{PROJECTION_PARENT[p]}.{p}", (PROJECTION_PARENT[p], p, "kernel"), shape, True)
+        for p, shape in projection_shapes(config).items()
+    ] + [
         ("input_layernorm", ("input_layernorm", "scale"), (d,), False),
         ("post_attention_layernorm", ("post_attention_layernorm", "scale"), (d,), False),
     ]

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The Hugging Face submodule each projection lives in.
+PROJECTION_PARENT = {p: ("self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for p in PROJECTIONS}
 
 # Hugging Face's LLaMA initialiser; only tests and random-weight benchmarks see it.
 weight_init = nn.initializers.normal(stddev=0.02)

@@ -13,8 +13,8 @@ from flax import struct
 
 from meteora_jax.config import LlamaConfig
 from meteora_jax.layers import LinearFactory, RMSNorm, dense_linear, weight_init
-from meteora_jax.routing import Routing
 from meteora_jax.rope import apply_rotary, inverse_frequencies, rotary_tables
+from meteora_jax.routing import Routing
 
 # Finite, so that a query row with every key masked (a padding token) gives uniform weights, not NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -108,7 +108,8 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         norm = dict(eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
         h = RMSNorm(**norm, name="input_layernorm")(x)
-        attn, kv = Attention(cfg, self.layer_index, self.linear, name="self_attn")(h, cos, sin, mask, kv, index, routing)
+        attention = Attention(cfg, self.layer_index, self.linear, name="self_attn")
+        attn, kv = attention(h, cos, sin, mask, kv, index, routing)
         x = x + attn
         h = RMSNorm(**norm, name="post_attention_layernorm")(x)
         return x + MLP(cfg, self.layer_index, self.linear, name="mlp")(h, routing), kv

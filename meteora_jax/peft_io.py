@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from meteora_jax.config import LlamaConfig
-from meteora_jax.layers import PROJECTIONS
+from meteora_jax.hf_weights import projection_shapes
+from meteora_jax.layers import PROJECTION_PARENT, PROJECTIONS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PARENT = {p: ("mlp" if p in ("gate_proj", "up_proj", "down_proj") else "self_attn") for p in PROJECTIONS}
 _KEY = re.compile(
     r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[^.]+)?\.weight"
 )
@@ -69,7 +69,7 @@ def read_peft_adapter(name: str, path: str | Path, base: LlamaConfig) -> LoraAda
         if "lora_magnitude_vector" in key:
             raise ValueError(f"{where}: tensor {key!r} is a DoRA magnitude; only plain LoRA is supported")
         match = _KEY.fullmatch(key)
-        if match is None or match[3] not in PROJECTIONS or _PARENT[match[3]] != match[2]:
+        if match is None or match[3] not in PROJECTIONS or PROJECTION_PARENT[match[3]] != match[2]:
             raise ValueError(f"{where}: tensor {key!r} targets a module MeteoRA's LLaMA model does not have")
         layer, proj = int(match[1]), match[3]
         if layer >= base.num_hidden_layers:
@@ -86,8 +86,8 @@ def read_peft_adapter(name: str, path: str | Path, base: LlamaConfig) -> LoraAda
         raise ValueError(f"{where}: layer {lonely[0]} {lonely[1]} has only one of lora_A / lora_B")
     scaling = {}
     for (layer, proj), a_mat in a.items():
-        module = f"model.layers.{layer}.{_PARENT[proj]}.{proj}"
-        in_dim, out_dim = _dims(base, proj)
+        module = f"model.layers.{layer}.{PROJECTION_PARENT[proj]}.{proj}"
+        in_dim, out_dim = projection_shapes(base)[proj]
         rank = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
         b_mat = b[(layer, proj)]
@@ -118,7 +118,7 @@ def stack_adapters(adapters: Sequence[LoraAdapter], base: LlamaConfig) -> tuple[
     tree: dict[str, Any] = {}
     for layer in range(base.num_hidden_layers):
         for proj in targets:
-            in_dim, out_dim = _dims(base, proj)
+            in_dim, out_dim = projection_shapes(base)[proj]
             lora_a = np.zeros((n, in_dim, rank), np.float32)
             lora_b = np.zeros((n, rank, out_dim), np.float32)
             scaling = np.zeros((n,), np.float32)
@@ -129,7 +129,7 @@ def stack_adapters(adapters: Sequence[LoraAdapter], base: LlamaConfig) -> tuple[
                     lora_b[j, :r, :] = adapter.b[(layer, proj)]
                     scaling[j] = adapter.scaling[(layer, proj)]
             bank = {"lora_a": lora_a, "lora_b": lora_b, "scaling": scaling}
-            tree.setdefault(f"layers_{layer}", {}).setdefault(_PARENT[proj], {})[proj] = {"meteora": bank}
+            tree.setdefault(f"layers_{layer}", {}).setdefault(PROJECTION_PARENT[proj], {})[proj] = {"meteora": bank}
     return tree, rank, targets
 
 
@@ -140,8 +140,8 @@ def export_peft_adapter(banks: Mapping[str, Any], index: int, adapter_entry: Map
     config = dict(adapter_entry["peft_config"])
     tensors = {}
     for layer, proj in map(tuple, adapter_entry["modules"]):
-        bank = banks[f"layers_{layer}"][_PARENT[proj]][proj]["meteora"]
-        module = f"model.layers.{layer}.{_PARENT[proj]}.{proj}"
+        bank = banks[f"layers_{layer}"][PROJECTION_PARENT[proj]][proj]["meteora"]
+        module = f"model.layers.{layer}.{PROJECTION_PARENT[proj]}.{proj}"
         rank = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
         prefix = f"base_model.model.{module}"
         a = np.asarray(bank["lora_a"][index, :, :rank], np.float32)
@@ -188,12 +188,3 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default):
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
-
-
-def _dims(base: LlamaConfig, proj: str) -> tuple[int, int]:
-    d, f = base.hidden_size, base.intermediate_size
-    q, kv = base.num_attention_heads * base.head_dim, base.num_key_value_heads * base.head_dim
-    return {
-        "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-        "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
-    }[proj]

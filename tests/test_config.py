@@ -2,9 +2,9 @@ import json
 
 import pytest
 import transformers
+from hf_reference import tiny_config
 
 from meteora_jax.config import LlamaConfig
-from hf_reference import tiny_config
 
 
 def test_hf_dict_round_trip_through_transformers():

@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 import torch
+from hf_reference import random_hf_model, tiny_config
 from safetensors.numpy import load_file, save_file
 
 from convert.hf_llama_to_orbax import main as convert_main
-from hf_reference import random_hf_model, tiny_config
 from meteora_jax.checkpoint import load_model
 from meteora_jax.convert_llama import convert_llama
 from meteora_jax.hf_weights import params_to_hf

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_reference import params_from_hf, random_hf_model, tiny_config
+
 from meteora_jax.generate import generate
 from meteora_jax.model import LlamaForCausalLM
 from meteora_jax.sampling import Sampling, top_p_filter

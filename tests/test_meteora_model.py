@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from hf_reference import tiny_config
+
 from meteora_jax.generate import generate
 from meteora_jax.meteora import MeteoraConfig, MeteoraLinear
 from meteora_jax.model import LlamaForCausalLM

@@ -7,15 +7,15 @@ import jax
 import numpy as np
 import pytest
 import torch
+from hf_reference import random_hf_model, tiny_config
+from peft_reference import make_adapter, peft_logits
 from safetensors.numpy import load_file, save_file
 
 from convert.hf_lora_to_orbax import main as import_main
 from convert.orbax_to_hf_lora import main as export_main
-from hf_reference import random_hf_model, tiny_config
 from meteora_jax.convert_llama import convert_llama
 from meteora_jax.meteora_checkpoint import load_meteora, read_meteora
 from meteora_jax.routing import Routing
-from peft_reference import make_adapter, peft_logits
 
 F32_TOLERANCE = 1e-5
 ADAPTERS = {
@@ -95,7 +95,8 @@ def test_export_loads_in_peft_with_equal_logits(setup, rng, name):
 
 def test_gates_taken_from_another_checkpoint(setup):
     root, _, _, dirs = setup
-    args = ["--base", str(root / "base"), "--out", str(root / "regated"), "--gates", str(root / "meteora"), "--seed", "5"]
+    args = ["--base", str(root / "base"), "--out", str(root / "regated"), "--gates", str(root / "meteora"),
+            "--seed", "5"]
     for name, path in dirs.items():
         args += ["--adapter", f"{name}={path}"]
     assert import_main(args) == 0

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_reference import params_from_hf, random_hf_model, tiny_config
+
 from meteora_jax.model import KVCache, LlamaForCausalLM
 
 F32_TOLERANCE = 1e-5

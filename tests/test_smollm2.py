@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from meteora_jax.checkpoint import load_model
-from meteora_jax.generate import encode_prompts, generate, main as generate_main, stop_ids
+from meteora_jax.generate import encode_prompts, generate, stop_ids
+from meteora_jax.generate import main as generate_main
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "How many legs does a spider have?"]
 NEW_TOKENS = 32
