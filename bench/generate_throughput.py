@@ -223,8 +223,6 @@ def copy_bandwidth(torch_device: str, nbytes: int, repeats: int = 10) -> dict[st
 
     copy()
     seconds, samples = timed(copy, repeats)
-    src.resize_(0), dst.resize_(0)  # frees the buffers the closure still refers to
-    release_torch_memory(torch_device)
     return {"bytes_copied": nbytes, "bytes_per_s": 2 * nbytes / seconds, "samples_s": samples}
 
 
@@ -558,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"device {report['device']}; jax {jax.__version__}, torch {torch.__version__}; writing {out}")
 
     report["bandwidth"] = copy_bandwidth(torch_device, settings.copy_bytes)
+    release_torch_memory(torch_device)  # the copy buffers died with copy_bandwidth's frame
     bandwidth = report["bandwidth"]["bytes_per_s"]
     log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
     write_json(out, report)
