@@ -12,8 +12,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Strategy = Literal["loop", "bmm", "dense", "grouped", "auto"]
-STRATEGIES = ("loop", "bmm", "dense", "grouped", "auto")
+Strategy = Literal["loop", "bmm", "dense", "grouped", "pallas", "auto"]
+STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas", "auto")
 
 # N * r up to which `dense` (every adapter's x @ A in one matmul) is the fastest XLA form; above it
 # the per-token gather (`bmm`) wins. Measured on an H100 (bench/RESULTS.md): dense and bmm tie at
@@ -97,11 +97,19 @@ def pick_strategy(tokens: int, num_adapters: int, rank: int, in_features: int, o
     return "dense" if num_adapters * rank <= DENSE_MAX_TOTAL_RANK else "bmm"
 
 
+def mixture_pallas(x, lora_a, lora_b, scaling, indices, weights):
+    """The Pallas kernels (meteora_jax/pallas): reads only the chosen adapters; interpreted off GPU."""
+    from meteora_jax.pallas.mixture import mixture_pallas as kernel  # Pallas imports stay off the default path
+
+    return kernel(x, lora_a, lora_b, scaling, indices, weights)
+
+
 _IMPLEMENTATIONS = {
     "loop": mixture_loop,
     "bmm": mixture_bmm,
     "dense": mixture_dense,
     "grouped": mixture_grouped,
+    "pallas": mixture_pallas,
 }
 
 

@@ -48,7 +48,7 @@ def test_strategies_agree_through_the_model(rng, top_k):
     _, model, params = meteora_model()
     tokens = rng.integers(3, 97, (2, 7))
     ref, _ = model.apply({"params": params}, tokens, routing=Routing(strategy="loop", top_k=top_k, temperature=15.0))
-    for strategy in ("bmm", "dense", "grouped", "auto"):
+    for strategy in ("bmm", "dense", "grouped", "pallas", "auto"):
         out, _ = model.apply({"params": params}, tokens,
                              routing=Routing(strategy=strategy, top_k=top_k, temperature=15.0))
         assert rel_error(out, ref) < 1e-5, strategy

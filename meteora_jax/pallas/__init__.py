@@ -1,0 +1,15 @@
+"""Pallas GPU kernels for the low-memory MeteoRA path (see README.md in this folder)."""
+
+from meteora_jax.pallas.lora_gather import GatherBlockSizes, lora_gather, lora_gather_reference
+from meteora_jax.pallas.lora_segment import SegmentBlockSizes, group_by_adapter, lora_segment
+from meteora_jax.pallas.mixture import mixture_pallas
+
+__all__ = [
+    "GatherBlockSizes",
+    "SegmentBlockSizes",
+    "group_by_adapter",
+    "lora_gather",
+    "lora_gather_reference",
+    "lora_segment",
+    "mixture_pallas",
+]

@@ -1,0 +1,134 @@
+"""Prefill-path MeteoRA kernel (SGMV style): tokens grouped by adapter, shrink and expand fused.
+
+For each of the k routing slots, tokens are sorted by the adapter they chose there and every group is
+padded to a whole number of token blocks, so each block belongs to exactly one adapter. A program
+takes one block: it gathers the block's rows of x, computes h = x A (rank r kept on chip), scales by
+the routing coefficients, and adds h B into the output rows, one output tile at a time. Within one
+slot every token appears once, so no two programs write the same row; the k slots run one after the
+other on the same float32 output buffer (aliased in place). Only the chosen adapters are read.
+Padding rows of a block write to one extra scratch row of that buffer, and the buffer's columns are
+padded to whole output tiles: masked stores must never alias a real element, since interpret mode
+emulates them by read-modify-write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from meteora_jax.pallas.lora_gather import _check_shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentBlockSizes:
+    block_tokens: int = 64
+    block_in: int = 64
+    block_out: int = 128
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def check(self) -> None:
+        for name in ("block_tokens", "block_in", "block_out"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name}={value} must be a power of two >= 16")
+
+
+def group_by_adapter(adapter_ids: jax.Array, coef: jax.Array, num_adapters: int, block: int):
+    """Padded grouping of one slot: (rows [G*block] token id or -1, coef [G*block], block_adapter [G]).
+
+    G = cdiv(M, block) + N is a static bound on the number of blocks; unused blocks get adapter -1.
+    """
+    m = adapter_ids.shape[0]
+    num_blocks = pl.cdiv(m, block) + num_adapters
+    counts = jnp.bincount(adapter_ids, length=num_adapters)
+    padded = (counts + block - 1) // block * block
+    padded_end = jnp.cumsum(padded)
+    order = jnp.argsort(adapter_ids, stable=True)
+    sorted_ids = adapter_ids[order]
+    rank_in_group = jnp.arange(m) - (jnp.cumsum(counts) - counts)[sorted_ids]
+    position = (padded_end - padded)[sorted_ids] + rank_in_group
+    rows = jnp.full((num_blocks * block,), -1, jnp.int32).at[position].set(order.astype(jnp.int32))
+    padded_coef = jnp.zeros((num_blocks * block,), jnp.float32).at[position].set(coef[order])
+    block_adapter = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
+    block_adapter = jnp.where(block_adapter < num_adapters, block_adapter, -1).astype(jnp.int32)
+    return rows, padded_coef, block_adapter
+
+
+def _kernel(rows_ref, coef_ref, block_adapter_ref, x_ref, a_ref, b_ref, acc_ref, out_ref, *, in_features,
+            out_features, rank, rank_block, scratch_row, blocks: SegmentBlockSizes):
+    del acc_ref  # aliased to out_ref, which is read and written in place
+    g = pl.program_id(0)
+    adapter = block_adapter_ref[g]
+    bt, bi, bo = blocks.block_tokens, blocks.block_in, blocks.block_out
+    precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+
+    @pl.when(adapter >= 0)
+    def _():
+        rows = rows_ref[pl.ds(g * bt, bt)]
+        valid = rows >= 0
+        safe_rows = jnp.where(valid, rows, scratch_row)
+        ranks = jnp.arange(rank_block)
+
+        # Gathers index with integer arrays on both axes: interpret mode cannot mix them with slices.
+        def shrink(step, h):
+            cols = step * bi + jnp.arange(bi)
+            x = plt.load(x_ref.at[safe_rows[:, None], jnp.minimum(cols, in_features - 1)[None, :]],
+                         mask=valid[:, None] & (cols < in_features)[None, :], other=0)
+            a = plt.load(a_ref.at[adapter, pl.ds(step * bi, bi), pl.ds(0, rank_block)],
+                         mask=(cols < in_features)[:, None] & (ranks < rank)[None, :], other=0)
+            return h + jnp.dot(x, a, preferred_element_type=jnp.float32, precision=precision)
+
+        h = jax.lax.fori_loop(0, pl.cdiv(in_features, bi), shrink, jnp.zeros((bt, rank_block), jnp.float32))
+        h = (h * coef_ref[pl.ds(g * bt, bt)][:, None]).astype(x_ref.dtype)
+
+        def expand(step, carry):
+            cols = step * bo + jnp.arange(bo)
+            b = plt.load(b_ref.at[adapter, pl.ds(0, rank_block), pl.ds(step * bo, bo)],
+                         mask=(ranks < rank)[:, None] & (cols < out_features)[None, :], other=0)
+            mask = valid[:, None] & (cols < out_features)[None, :]
+            tile = out_ref.at[safe_rows[:, None], cols[None, :]]
+            previous = plt.load(tile, mask=mask, other=0)
+            plt.store(tile, previous + jnp.dot(h, b, preferred_element_type=jnp.float32, precision=precision),
+                      mask=mask)
+            return carry
+
+        jax.lax.fori_loop(0, pl.cdiv(out_features, bo), expand, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def lora_segment(x, lora_a, lora_b, indices, coef, *, blocks: SegmentBlockSizes = SegmentBlockSizes(),
+                 interpret: bool = False):
+    """delta [M, O] float32 for x [M, I], lora_a [N, I, R], lora_b [N, R, O], indices / coef [M, K]."""
+    blocks.check()
+    _check_shapes(x, lora_a, lora_b, indices, coef)
+    m, in_features = x.shape
+    n, _, rank = lora_a.shape
+    out_features = lora_b.shape[-1]
+    if x.dtype != lora_a.dtype or x.dtype != lora_b.dtype:
+        raise ValueError(f"x, lora_a and lora_b must share a dtype, got {x.dtype}, {lora_a.dtype}, {lora_b.dtype}")
+    kernel = functools.partial(
+        _kernel, in_features=in_features, out_features=out_features, rank=rank,
+        rank_block=max(pl.next_power_of_2(rank), 16), scratch_row=m, blocks=blocks,
+    )
+    padded_out = pl.cdiv(out_features, blocks.block_out) * blocks.block_out
+    out = jnp.zeros((m + 1, padded_out), jnp.float32)
+    for slot in range(indices.shape[1]):
+        rows, padded_coef, block_adapter = group_by_adapter(
+            indices[:, slot].astype(jnp.int32), coef[:, slot].astype(jnp.float32), n, blocks.block_tokens
+        )
+        out = pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct(out.shape, jnp.float32),
+            grid=(block_adapter.shape[0],),
+            input_output_aliases={6: 0},
+            compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+            interpret=interpret,
+            name="meteora_lora_segment",
+        )(rows, padded_coef, block_adapter, x, lora_a, lora_b, out)
+    return out[:m, :out_features]

@@ -1,0 +1,68 @@
+"""The `pallas` MeteoRA strategy: the decode or prefill kernel forward, and a custom VJP.
+
+Backward: dx runs the same kernels on the transposed adapters (dx = sum_j c_j (g B_j^T) A_j^T); the
+routing-weight gradient d c[m, j] = (x_m A_j) . (g_m B_j^T) is a per-token gather in XLA; adapter
+gradients, needed only when adapters train, come from the plain reference's VJP (XLA drops them
+when nothing uses them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from meteora_jax.pallas.lora_gather import GatherBlockSizes, lora_gather
+from meteora_jax.pallas.lora_segment import SegmentBlockSizes, lora_segment
+
+# Up to this many tokens the per-token gather kernel beats grouping tokens by adapter.
+DECODE_MAX_TOKENS = 16
+
+
+def _kernel(x, lora_a, lora_b, indices, coef, interpret):
+    if x.shape[0] <= DECODE_MAX_TOKENS:
+        return lora_gather(x, lora_a, lora_b, indices, coef, blocks=GatherBlockSizes(), interpret=interpret)
+    return lora_segment(x, lora_a, lora_b, indices, coef, blocks=SegmentBlockSizes(), interpret=interpret)
+
+
+def _reference(x, lora_a, lora_b, indices, coef):
+    a = lora_a[indices]  # [M, K, I, R]
+    b = lora_b[indices]  # [M, K, R, O]
+    h = jnp.einsum("MI,MKIR->MKR", x, a, preferred_element_type=jnp.float32) * coef[..., None]
+    return jnp.einsum("MKR,MKRO->MO", h.astype(x.dtype), b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _mixture(x, lora_a, lora_b, indices, coef, interpret):
+    return _kernel(x, lora_a, lora_b, indices, coef, interpret)
+
+
+def _forward(x, lora_a, lora_b, indices, coef, interpret):
+    return _kernel(x, lora_a, lora_b, indices, coef, interpret), (x, lora_a, lora_b, indices, coef)
+
+
+def _backward(interpret, residuals, g):
+    x, lora_a, lora_b, indices, coef = residuals
+    transposed_a = jnp.swapaxes(lora_b, 1, 2)  # [N, O, R]
+    transposed_b = jnp.swapaxes(lora_a, 1, 2)  # [N, R, I]
+    dx = _kernel(g.astype(x.dtype), transposed_a, transposed_b, indices, coef, interpret).astype(x.dtype)
+    hx = jnp.einsum("MI,MKIR->MKR", x, lora_a[indices], preferred_element_type=jnp.float32)
+    hg = jnp.einsum("MO,MKRO->MKR", g.astype(x.dtype), lora_b[indices], preferred_element_type=jnp.float32)
+    dcoef = jnp.sum(hx * hg, axis=-1)
+    _, adapter_vjp = jax.vjp(lambda a, b: _reference(x, a, b, indices, coef), lora_a, lora_b)
+    da, db = adapter_vjp(g)
+    return dx, da, db, None, dcoef
+
+
+_mixture.defvjp(_forward, _backward)
+
+
+def mixture_pallas(x, lora_a, lora_b, scaling, indices, weights, *, interpret: bool | None = None):
+    """delta [M, O] float32, the `lora_mixture` contract; `interpret` defaults to True off GPU."""
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    if lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
+        lora_a, lora_b = lora_a.astype(x.dtype), lora_b.astype(x.dtype)
+    coef = weights.astype(jnp.float32) * scaling.astype(jnp.float32)[indices]
+    return _mixture(x, lora_a, lora_b, indices.astype(jnp.int32), coef, interpret)
