@@ -20,6 +20,8 @@ STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas", "auto")
 # N * r = 512, and at N * r = 8192 bmm is 1.8-2x faster. `grouped` never wins while XLA lowers
 # ragged_dot to a dense dot.
 DENSE_MAX_TOTAL_RANK = 512
+# Up to this k the routing uses k argmax rounds instead of lax.top_k.
+ARGMAX_TOP_K = 4
 
 
 def route(gate_logits: jax.Array, top_k: int, temperature) -> tuple[jax.Array, jax.Array]:
@@ -30,8 +32,24 @@ def route(gate_logits: jax.Array, top_k: int, temperature) -> tuple[jax.Array, j
     n = gate_logits.shape[-1]
     if not 1 <= top_k <= n:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of adapters ({n})")
-    values, indices = jax.lax.top_k(gate_logits.astype(jnp.float32), top_k)
+    logits = gate_logits.astype(jnp.float32)
+    if top_k > ARGMAX_TOP_K:
+        values, indices = jax.lax.top_k(logits, top_k)
+    else:
+        values, indices = _top_k_by_argmax(logits, top_k)
     return indices, jax.nn.softmax(values / temperature, axis=-1)
+
+
+def _top_k_by_argmax(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+    # k rounds of max + argmax are plain reductions that XLA fuses with the gate matmul's consumers,
+    # where lax.top_k is a separate sort-like kernel. argmax takes the first maximum: same ties as top_k.
+    values, indices = [], []
+    for _ in range(top_k):
+        index = jnp.argmax(logits, axis=-1)
+        values.append(jnp.max(logits, axis=-1))
+        indices.append(index.astype(jnp.int32))
+        logits = jnp.where(jax.nn.one_hot(index, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+    return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
 
 
 def coefficients(indices: jax.Array, weights: jax.Array, num_adapters: int) -> jax.Array:
