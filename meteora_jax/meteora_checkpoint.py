@@ -89,9 +89,12 @@ def meteora_config(manifest: dict[str, Any], **overrides) -> MeteoraConfig:
 
 
 def load_meteora(base: str | os.PathLike, meteora: str | os.PathLike, *, dtype: str | None = None,
-                 **meteora_overrides) -> LoadedModel:
-    """The base model with the MeteoRA banks of `meteora` in every targeted projection."""
-    loaded = load_model(base, dtype=dtype)
+                 remat: bool = False, **meteora_overrides) -> LoadedModel:
+    """The base model with the MeteoRA banks of `meteora` in every targeted projection.
+
+    meteora_overrides: MeteoraConfig fields (top_k, temperature, strategy) replacing the manifest's.
+    """
+    loaded = load_model(base, dtype=dtype, remat=remat)
     tree, manifest = read_meteora(meteora)
     mismatched = {k: (v, getattr(loaded.config, k)) for k, v in manifest["base"].items()
                   if getattr(loaded.config, k) != v}

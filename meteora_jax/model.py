@@ -128,6 +128,7 @@ class LlamaForCausalLM(nn.Module):
         padding_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         *,
+        segment_ids: jax.Array | None = None,
         routing: Routing | None = None,
         last_logits_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
@@ -135,11 +136,17 @@ class LlamaForCausalLM(nn.Module):
 
         tokens: [B, T] ids. padding_mask: [B, T], False on (left) padding. With a cache, the
         tokens are written at `cache.index` and attend to everything cached before them.
+        segment_ids: [B, T] for packed rows (no cache): 1, 2, ... per example, 0 on padding; a token
+        attends only within its segment and positions restart at each segment.
         routing: call-time MeteoRA settings (top-k, temperature, strategy, forcing), passed
         unchanged to every projection.
         """
         cfg = self.config
         b, t = tokens.shape
+        if segment_ids is not None:
+            if cache is not None or padding_mask is not None:
+                raise ValueError("segment_ids replaces padding_mask and is for cache-free (training) calls")
+            padding_mask = segment_ids > 0
         if padding_mask is None:
             padding_mask = jnp.ones((b, t), bool)
         padding_mask = padding_mask.astype(bool)
@@ -159,6 +166,9 @@ class LlamaForCausalLM(nn.Module):
         query_slot = index + jnp.arange(t)
         key_slot = jnp.arange(key_valid.shape[1])
         mask = key_valid[:, None, :] & (key_slot[None, None, :] <= query_slot[None, :, None])  # [B, T, S]
+        if segment_ids is not None:
+            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+            positions = _positions_in_segments(segment_ids)
         cos, sin = rotary_tables(positions, inverse_frequencies(cfg))
 
         embed = nn.Embed(
@@ -185,3 +195,10 @@ class LlamaForCausalLM(nn.Module):
         if cache is not None:
             cache = KVCache(tuple(new_keys), tuple(new_values), key_valid, index + t)
         return logits, cache
+
+
+def _positions_in_segments(segment_ids: jax.Array) -> jax.Array:
+    """0, 1, 2, ... restarting wherever the segment id changes along each row."""
+    steps = jnp.arange(segment_ids.shape[1])
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return steps - jax.lax.cummax(jnp.where(starts, steps, 0), axis=1)

@@ -111,3 +111,15 @@ def test_sequence_longer_than_max_positions_is_refused():
     config = tiny_config(max_position_embeddings=8)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings=8"):
         LlamaForCausalLM(config).init(jax.random.key(0), jnp.zeros((1, 9), jnp.int32))
+
+
+def test_packed_segments_equal_separate_rows(rng):
+    config = tiny_config()
+    model = LlamaForCausalLM(config)
+    params = params_from_hf(random_hf_model(config), config)
+    first, second = rng.integers(3, 97, 5), rng.integers(3, 97, 7)
+    packed = np.concatenate([first, second, [0, 0]])[None]
+    segments = np.asarray([[1] * 5 + [2] * 7 + [0, 0]])
+    ours, _ = model.apply({"params": params}, packed, segment_ids=segments)
+    alone = [model.apply({"params": params}, row[None])[0][0] for row in (first, second)]
+    assert rel_error(np.asarray(ours)[0, :12], np.concatenate(alone)) < F32_TOLERANCE
