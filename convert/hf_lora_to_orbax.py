@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gates", help="take the gates from this MeteoRA checkpoint instead of a fresh init")
     parser.add_argument("--gate-init-std", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--top-k", type=int, help="adapters mixed per token (default: 2, or 1 for one adapter)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -41,9 +41,10 @@ def main(argv=None) -> int:
         gates = read_meteora(args.gates)[0] if args.gates else None
         tree, manifest = build_banks(adapters, base, gate_init_std=args.gate_init_std, seed=args.seed,
                                      gates_from=gates)
-        if not 1 <= args.top_k <= len(adapters):
-            raise ValueError(f"--top-k {args.top_k} must be between 1 and the number of adapters ({len(adapters)})")
-        manifest.update(top_k=args.top_k, temperature=args.temperature,
+        top_k = args.top_k if args.top_k is not None else min(2, len(adapters))
+        if not 1 <= top_k <= len(adapters):
+            raise ValueError(f"--top-k {top_k} must be between 1 and the number of adapters ({len(adapters)})")
+        manifest.update(top_k=top_k, temperature=args.temperature,
                         base_checkpoint=str(Path(args.base).absolute()))
         save_meteora(args.out, tree, manifest, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

@@ -105,7 +105,7 @@ def train_step(module, trainable, opt_state, frozen, micro_batches, *, optimizer
     grads = jax.tree.map(lambda g: g / steps, grads)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return optax.apply_updates(trainable, updates), opt_state, metrics
 
 
