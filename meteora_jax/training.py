@@ -115,3 +115,9 @@ def layer_gate_accuracy(module, params, batch):
     _, state = module.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
                             mutable=["intermediates"])
     return gate_loss(gate_logits_by_layer(state["intermediates"]), batch["task_ids"])[1]
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak device memory so far (None where the backend keeps no statistics, e.g. the CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")

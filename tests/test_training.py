@@ -149,3 +149,13 @@ def test_trained_lora_loads_in_peft_with_equal_logits(toy, rng):
         base = hf(torch.tensor(tokens)).logits.numpy()
     assert np.linalg.norm(np.asarray(ours) - ref) / np.linalg.norm(ref) < 1e-5
     assert np.linalg.norm(ref - base) / np.linalg.norm(base) > 1e-6  # training moved the adapter
+
+
+def test_lora_each_task_gets_its_own_adapter(toy):
+    root, _, data = toy
+    out = root / "each"
+    assert lora_main(["--base", str(root / "base"), "--task", data[0], "--task", data[1], "--out", str(out),
+                      "--each", "--rank", "2", "--steps", "2", "--batch-size", "4", "--max-length", "32"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(WORDS)
+    summary = json.loads((out / "fruit" / "training_summary.json").read_text())
+    assert summary["tasks"] == ["fruit"] and summary["steps"] == 2

@@ -28,10 +28,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from meteora_jax.data import batches, load_bigbench_task, read_jsonl_records, split_records, tokenize_records
+from meteora_jax.data import batches, load_task_records, read_jsonl_records, split_records, tokenize_records
 from meteora_jax.meteora_checkpoint import load_meteora, read_meteora, save_meteora, split_banks
 from meteora_jax.trainable import GATES, GATES_AND_ADAPTERS, merge_params, split_trainable
-from meteora_jax.training import TrainConfig, gate_logits_by_layer, layer_gate_accuracy, make_optimizer, train_step
+from meteora_jax.training import (
+    TrainConfig,
+    gate_logits_by_layer,
+    layer_gate_accuracy,
+    make_optimizer,
+    peak_memory_bytes,
+    train_step,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,7 +82,7 @@ def task_records(specs: list[str], tasks: list[str]):
                 raise FileNotFoundError(f"--data {spec}: directory not found")
             for task in tasks:
                 if (root / task).is_dir():
-                    found[task] = load_bigbench_task(root / task)
+                    found[task] = split_records(load_task_records(root / task))
         elif kind == "jsonl":
             task, _, path = value.partition("=")
             if not task or not path:
@@ -151,6 +158,7 @@ def train(args, out: Path) -> int:
     layer_names = _layer_names(loaded, eval_arrays)
     metrics_file = open(out / "metrics.jsonl", "a")
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="gates", unit="step")
+    step_seconds, tokens_seen = [], 0
     for step in bar:
         started = time.perf_counter()
         batch = micro_batches(train_arrays, step, args, rows)
@@ -165,8 +173,10 @@ def train(args, out: Path) -> int:
             raise ValueError(f"loss became {loss} at step {step + 1}; stopped. The last good checkpoint is "
                              f"{'step ' + str(last) if last is not None else 'none'} in {checkpoints}")
         tokens = int(np.sum(batch["segment_ids"] > 0))
+        step_seconds.append(time.perf_counter() - started)
+        tokens_seen += tokens
         row = {"step": step + 1, **{k: float(v) for k, v in metrics.items() if np.ndim(v) == 0},
-               "tokens_per_s": tokens / (time.perf_counter() - started)}
+               "tokens_per_s": tokens / step_seconds[-1]}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             accuracy = layer_gate_accuracy(loaded.module, merge_params(trainable, frozen), eval_arrays)
             row["val_gate_accuracy"] = float(np.mean(accuracy))
@@ -184,6 +194,12 @@ def train(args, out: Path) -> int:
     validation = {"mean_gate_accuracy": float(accuracy.mean()),
                   "layers": dict(zip(layer_names, map(float, accuracy)))}
     (out / "validation.json").write_text(json.dumps(validation, indent=2) + "\n")
+    steady = step_seconds[1:] or step_seconds  # the first step of a process includes compilation
+    summary = {"steps_run": len(step_seconds), "median_step_s": float(np.median(steady)) if steady else None,
+               "tokens_per_s": tokens_seen / sum(step_seconds) if step_seconds else None,
+               "first_step_s": step_seconds[0] if step_seconds else None, "peak_memory_bytes": peak_memory_bytes(),
+               "train_rows": rows, "tasks": tasks}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     manifest = {**manifest, "trained": {"steps": args.steps, "gate_loss_weight": args.gate_loss_weight,
                                         "train_adapters": args.train_adapters, "data": args.data}}
     save_meteora(out / "meteora", jax.tree.map(np.asarray, split_banks(params)), manifest, overwrite=True)

@@ -4,7 +4,8 @@ python -m train.lora --base BASE_CKPT --task bigbench:DIR/TASK [--task ...] --ou
     [--targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj] [--steps 200] [--batch-size 8]
     [--max-length 512] [--lr 2e-4] [--warmup 20] [--dtype bfloat16] [--chat-template] [--seed 0]
 
-Several --task flags train one adapter on their union: the paper's "LoRA-B" baseline. The adapter is a
+Several --task flags train one adapter on their union: the paper's "LoRA-B" baseline; with --each,
+one adapter per --task (OUT/<task name>/), sharing one compiled training step. The adapter is a
 one-adapter MeteoRA bank with every token forced to it, so training reuses the MeteoRA layer; the
 LM loss alone drives it. --task also takes jsonl:NAME=FILE.
 """
@@ -12,6 +13,8 @@ LM loss alone drives it. --task also takes jsonl:NAME=FILE.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +26,7 @@ import optax
 from tqdm import tqdm
 
 from meteora_jax.checkpoint import LoadedModel, atomic_directory, load_model
-from meteora_jax.data import batches, load_bigbench_task, load_jsonl, tokenize_records
+from meteora_jax.data import batches, load_task_records, read_jsonl_records, split_records, tokenize_records
 from meteora_jax.hf_weights import projection_shapes
 from meteora_jax.layers import PROJECTION_PARENT, PROJECTIONS
 from meteora_jax.meteora import MeteoraConfig, MeteoraLinear
@@ -32,7 +35,7 @@ from meteora_jax.model import LlamaForCausalLM
 from meteora_jax.peft_io import export_peft_adapter
 from meteora_jax.routing import Routing
 from meteora_jax.trainable import merge_params, split_trainable
-from meteora_jax.training import TrainConfig, lm_loss, make_optimizer
+from meteora_jax.training import TrainConfig, lm_loss, make_optimizer, peak_memory_bytes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--chat-template", action="store_true")
+    p.add_argument("--each", action="store_true", help="one adapter per --task, written to OUT/<task name>")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -58,12 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def read_task(spec: str):
     kind, _, value = spec.partition(":")
     if kind == "bigbench":
-        return load_bigbench_task(Path(value))[0]
+        return split_records(load_task_records(Path(value)))[0]
     if kind == "jsonl":
         name, _, path = value.partition("=")
         if not name or not path:
             raise ValueError(f"--task {spec}: expected jsonl:NAME=FILE")
-        return load_jsonl(path, name)
+        return split_records(read_jsonl_records(path, name))[0]
     raise ValueError(f"--task {spec}: unknown kind {kind!r}; use bigbench:TASK_DIR or jsonl:NAME=FILE")
 
 
@@ -94,59 +98,74 @@ def main(argv=None) -> int:
         return 1
 
 
-def train(args) -> int:
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    base = load_model(args.base, dtype=args.dtype)
-    if base.tokenizer is None:
-        raise ValueError(f"base checkpoint {args.base} has no tokenizer")
-    records = [r for spec in args.task for r in read_task(spec)]
-    names = sorted({r["task"] for r in records})
-    arrays = tokenize_records(records, tokenizer=base.tokenizer, task_names=names, max_length=args.max_length,
-                              chat_template=args.chat_template, pack=False)
-    config = MeteoraConfig(num_adapters=1, rank=args.rank, targets=targets, top_k=1)
-    module = LlamaForCausalLM(base.config, linear=MeteoraLinear(config))
+@functools.partial(jax.jit, static_argnames=("module", "optimizer"), donate_argnums=(0, 1))
+def train_step(trainable, opt_state, frozen, batch, *, module, optimizer):
+    def loss_fn(t):
+        logits, _ = module.apply({"params": merge_params(t, frozen)}, batch["tokens"],
+                                 segment_ids=batch["segment_ids"], routing=Routing(force_adapter=0))
+        return lm_loss(logits, batch)[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+
+def fit(base: LoadedModel, module, optimizer, arrays, targets, args) -> tuple[dict, dict]:
+    """Trains one adapter on `arrays`; returns (its banks as numpy, a timing summary)."""
     params = init_adapter(base, targets, args.rank, args.alpha, args.seed)
     trainable, frozen = split_trainable(params, ("lora_a", "lora_b"))
-    optimizer = make_optimizer(TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup, total_steps=args.steps))
     opt_state = optimizer.init(trainable)
-    routing = Routing(force_adapter=0)
-
-    @jax.jit
-    def step(trainable, opt_state, batch):
-        def loss_fn(t):
-            logits, _ = module.apply({"params": merge_params(t, frozen)}, batch["tokens"],
-                                     segment_ids=batch["segment_ids"], routing=routing)
-            return lm_loss(logits, batch)[0]
-
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
     per_epoch = max(len(arrays["tokens"]) // args.batch_size, 1)
-    bar = tqdm(range(args.steps), desc="lora", unit="step")
+    step_seconds, tokens = [], 0
     epoch_batches = None
+    bar = tqdm(range(args.steps), desc="lora", unit="step")
     for i in bar:
         if i % per_epoch == 0:
             epoch_batches = batches(arrays, args.batch_size, seed=args.seed, epoch=i // per_epoch)
         batch = next(epoch_batches)
         started = time.perf_counter()
-        trainable, opt_state, loss = step(trainable, opt_state, {k: jnp.asarray(v) for k, v in batch.items()})
+        trainable, opt_state, loss = train_step(trainable, opt_state, frozen,
+                                                {k: jnp.asarray(v) for k, v in batch.items()},
+                                                module=module, optimizer=optimizer)
         loss = float(loss)
         if not np.isfinite(loss):
             raise ValueError(f"loss became {loss} at step {i + 1}; stopped, nothing written")
-        tokens_per_s = np.sum(batch["segment_ids"] > 0) / (time.perf_counter() - started)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
+        step_seconds.append(time.perf_counter() - started)
+        tokens += int(np.sum(batch["segment_ids"] > 0))
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{np.sum(batch['segment_ids'] > 0) / step_seconds[-1]:.0f}")
+    steady = step_seconds[1:] or step_seconds  # the first step includes compilation when it is the first fit
+    summary = {"steps": args.steps, "final_loss": loss, "median_step_s": float(np.median(steady)),
+               "tokens_per_s": float(tokens / sum(step_seconds)), "first_step_s": step_seconds[0]}
+    return jax.tree.map(np.asarray, split_banks(merge_params(trainable, frozen))), summary
 
-    banks = jax.tree.map(np.asarray, split_banks(merge_params(trainable, frozen)))
-    modules = [[layer, proj] for layer in range(base.config.num_hidden_layers) for proj in targets]
-    peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": args.rank, "lora_alpha": args.alpha,
-        "target_modules": list(targets), "bias": "none", "use_rslora": False, "fan_in_fan_out": False,
-        "lora_dropout": 0.0, "base_model_name_or_path": str(Path(args.base).absolute()), "inference_mode": True,
-    }
-    with atomic_directory(args.out, args.overwrite) as staging:
-        export_peft_adapter(banks, 0, {"peft_config": peft_config, "modules": modules}, staging)
-    print(f"wrote {args.out}: LoRA r={args.rank} on {', '.join(names)}")
+
+def train(args) -> int:
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    base = load_model(args.base, dtype=args.dtype)
+    if base.tokenizer is None:
+        raise ValueError(f"base checkpoint {args.base} has no tokenizer")
+    config = MeteoraConfig(num_adapters=1, rank=args.rank, targets=targets, top_k=1)
+    module = LlamaForCausalLM(base.config, linear=MeteoraLinear(config))
+    optimizer = make_optimizer(TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup, total_steps=args.steps))
+    groups = [[spec] for spec in args.task] if args.each else [args.task]
+    for specs in groups:
+        records = [r for spec in specs for r in read_task(spec)]
+        names = sorted({r["task"] for r in records})
+        out = Path(args.out) / names[0] if args.each else Path(args.out)
+        arrays = tokenize_records(records, tokenizer=base.tokenizer, task_names=names, max_length=args.max_length,
+                                  chat_template=args.chat_template, pack=False)
+        banks, summary = fit(base, module, optimizer, arrays, targets, args)
+        summary.update(peak_memory_bytes=peak_memory_bytes(), tasks=names, examples=len(records))
+        modules = [[layer, proj] for layer in range(base.config.num_hidden_layers) for proj in targets]
+        peft_config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": args.rank, "lora_alpha": args.alpha,
+            "target_modules": list(targets), "bias": "none", "use_rslora": False, "fan_in_fan_out": False,
+            "lora_dropout": 0.0, "base_model_name_or_path": str(Path(args.base).absolute()), "inference_mode": True,
+        }
+        with atomic_directory(out, args.overwrite) as staging:
+            export_peft_adapter(banks, 0, {"peft_config": peft_config, "modules": modules}, staging)
+            (staging / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {out}: LoRA r={args.rank} on {', '.join(names)}")
     return 0
 
 

@@ -32,10 +32,12 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
+
+if TYPE_CHECKING:
+    import datasets
 
 # The 20 MeteoRA BIG-bench tasks of the shared data directory (see fetch_bigbench to download them).
 BIGBENCH_TASKS = (
@@ -219,6 +221,8 @@ def load_bigbench_task(
     """(train, test) datasets.Dataset of one BIG-bench task directory; see load_task_records and split_records."""
     records = load_task_records(task_dir, append_choices=append_choices, prefer_target=prefer_target)
     train, test = split_records(records, seed=seed, test_fraction=test_fraction, min_test=min_test)
+    import datasets  # only here: machines without `datasets` still train from prepared arrays
+
     return datasets.Dataset.from_list(train), datasets.Dataset.from_list(test)
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
+if TYPE_CHECKING:
+    import datasets
+
 
 
 def read_jsonl_records(path: str | os.PathLike, task: str | None = None) -> list[dict[str, str]]:
@@ -39,4 +42,6 @@ def read_jsonl_records(path: str | os.PathLike, task: str | None = None) -> list
 
 def load_jsonl(path: str | os.PathLike, task: str | None = None) -> datasets.Dataset:
     """read_jsonl_records as a datasets.Dataset."""
+    import datasets  # only here: machines without `datasets` still train from prepared arrays
+
     return datasets.Dataset.from_list(read_jsonl_records(path, task))
