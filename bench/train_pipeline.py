@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True)
     p.add_argument("--tasks", default=",".join(TEN_TASKS))
     p.add_argument("--lora-steps", type=int, default=100)
-    p.add_argument("--gate-steps", type=int, default=200)
+    p.add_argument("--gate-steps", type=int, default=300)
+    p.add_argument("--gate-lr", type=float, default=1e-2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16")
@@ -65,8 +66,9 @@ def main(argv=None) -> int:
     stages["stack"] = run(stack)
     stages["gates"] = run([sys.executable, "-m", "train.gates", "--base", args.base, "--meteora", str(work / "meteora"),
                            "--data", f"bigbench:{args.bigbench}", "--out", str(work / "gates"),
-                           "--steps", str(args.gate_steps), "--lr", "1e-3", "--eval-every", str(args.gate_steps),
-                           "--eval-rows", "256", "--save-every", str(args.gate_steps), "--task-balanced", *common])
+                           "--steps", str(args.gate_steps), "--lr", str(args.gate_lr),
+                           "--eval-every", str(args.gate_steps), "--eval-rows", "256",
+                           "--save-every", str(args.gate_steps), "--task-balanced", *common])
 
     import jax  # after the stages, so this process holds no GPU memory while they run
 

@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -121,3 +122,12 @@ def peak_memory_bytes() -> int | None:
     """Peak device memory so far (None where the backend keeps no statistics, e.g. the CPU)."""
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
+
+
+def step_summary(step_seconds: list[float], step_tokens: list[int]) -> dict[str, float | None]:
+    """Median step time and tokens/s over the steps after the first (which includes compilation)."""
+    if not step_seconds:
+        return {"median_step_s": None, "tokens_per_s": None, "first_step_s": None}
+    seconds, tokens = (step_seconds[1:], step_tokens[1:]) if len(step_seconds) > 1 else (step_seconds, step_tokens)
+    return {"median_step_s": float(np.median(seconds)), "tokens_per_s": float(sum(tokens) / sum(seconds)),
+            "first_step_s": step_seconds[0]}

@@ -65,13 +65,13 @@ def gate_args(root: Path, data: list[str], out: Path, *extra: str) -> list[str]:
 def test_gates_learn_the_tasks_and_nothing_else_moves(toy):
     root, _, data = toy
     out = root / "run"
-    assert gates_main(gate_args(root, data, out, "--steps", "40", "--save-every", "20", "--eval-every", "20")) == 0
+    assert gates_main(gate_args(root, data, out, "--steps", "80", "--save-every", "40", "--eval-every", "40")) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert json.loads((out / "validation.json").read_text())["mean_gate_accuracy"] > 0.9
     before, _ = read_meteora(root / "meteora")
     after, manifest = read_meteora(out / "meteora")
-    assert manifest["trained"]["steps"] == 40
+    assert manifest["trained"]["steps"] == 80
     moved = jax.tree_util.tree_map_with_path(
         lambda path, a, b: (path[-1].key, not np.array_equal(np.asarray(a), np.asarray(b))), before, after)
     changed = {name for name, differs in jax.tree.leaves(moved, is_leaf=lambda x: isinstance(x, tuple)) if differs}

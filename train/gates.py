@@ -16,6 +16,7 @@ checkpoint with the trained gates that load_meteora and generate read.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -37,6 +38,7 @@ from meteora_jax.training import (
     layer_gate_accuracy,
     make_optimizer,
     peak_memory_bytes,
+    step_summary,
     train_step,
 )
 
@@ -94,7 +96,8 @@ def task_records(specs: list[str], tasks: list[str]):
     if missing:
         raise ValueError(f"no data for adapters {missing}; every adapter of the MeteoRA checkpoint needs its task")
     train = [r for t in tasks for r in found[t][0]]
-    test = [r for t in tasks for r in found[t][1]]
+    # Held-out records interleaved task by task, so the first --eval-rows cover every task evenly.
+    test = [r for group in itertools.zip_longest(*(found[t][1] for t in tasks)) for r in group if r is not None]
     return train, test
 
 
@@ -158,7 +161,7 @@ def train(args, out: Path) -> int:
     layer_names = _layer_names(loaded, eval_arrays)
     metrics_file = open(out / "metrics.jsonl", "a")
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="gates", unit="step")
-    step_seconds, tokens_seen = [], 0
+    step_seconds, step_tokens = [], []
     for step in bar:
         started = time.perf_counter()
         batch = micro_batches(train_arrays, step, args, rows)
@@ -174,7 +177,7 @@ def train(args, out: Path) -> int:
                              f"{'step ' + str(last) if last is not None else 'none'} in {checkpoints}")
         tokens = int(np.sum(batch["segment_ids"] > 0))
         step_seconds.append(time.perf_counter() - started)
-        tokens_seen += tokens
+        step_tokens.append(tokens)
         row = {"step": step + 1, **{k: float(v) for k, v in metrics.items() if np.ndim(v) == 0},
                "tokens_per_s": tokens / step_seconds[-1]}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
@@ -194,10 +197,7 @@ def train(args, out: Path) -> int:
     validation = {"mean_gate_accuracy": float(accuracy.mean()),
                   "layers": dict(zip(layer_names, map(float, accuracy)))}
     (out / "validation.json").write_text(json.dumps(validation, indent=2) + "\n")
-    steady = step_seconds[1:] or step_seconds  # the first step of a process includes compilation
-    summary = {"steps_run": len(step_seconds), "median_step_s": float(np.median(steady)) if steady else None,
-               "tokens_per_s": tokens_seen / sum(step_seconds) if step_seconds else None,
-               "first_step_s": step_seconds[0] if step_seconds else None, "peak_memory_bytes": peak_memory_bytes(),
+    summary = {**step_summary(step_seconds, step_tokens), "peak_memory_bytes": peak_memory_bytes(),
                "train_rows": rows, "tasks": tasks}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     manifest = {**manifest, "trained": {"steps": args.steps, "gate_loss_weight": args.gate_loss_weight,

@@ -35,7 +35,7 @@ from meteora_jax.model import LlamaForCausalLM
 from meteora_jax.peft_io import export_peft_adapter
 from meteora_jax.routing import Routing
 from meteora_jax.trainable import merge_params, split_trainable
-from meteora_jax.training import TrainConfig, lm_loss, make_optimizer, peak_memory_bytes
+from meteora_jax.training import TrainConfig, lm_loss, make_optimizer, peak_memory_bytes, step_summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,7 +116,7 @@ def fit(base: LoadedModel, module, optimizer, arrays, targets, args) -> tuple[di
     trainable, frozen = split_trainable(params, ("lora_a", "lora_b"))
     opt_state = optimizer.init(trainable)
     per_epoch = max(len(arrays["tokens"]) // args.batch_size, 1)
-    step_seconds, tokens = [], 0
+    step_seconds, step_tokens = [], []
     epoch_batches = None
     bar = tqdm(range(args.steps), desc="lora", unit="step")
     for i in bar:
@@ -131,11 +131,9 @@ def fit(base: LoadedModel, module, optimizer, arrays, targets, args) -> tuple[di
         if not np.isfinite(loss):
             raise ValueError(f"loss became {loss} at step {i + 1}; stopped, nothing written")
         step_seconds.append(time.perf_counter() - started)
-        tokens += int(np.sum(batch["segment_ids"] > 0))
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{np.sum(batch['segment_ids'] > 0) / step_seconds[-1]:.0f}")
-    steady = step_seconds[1:] or step_seconds  # the first step includes compilation when it is the first fit
-    summary = {"steps": args.steps, "final_loss": loss, "median_step_s": float(np.median(steady)),
-               "tokens_per_s": float(tokens / sum(step_seconds)), "first_step_s": step_seconds[0]}
+        step_tokens.append(int(np.sum(batch["segment_ids"] > 0)))
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{step_tokens[-1] / step_seconds[-1]:.0f}")
+    summary = {"steps": args.steps, "final_loss": loss, **step_summary(step_seconds, step_tokens)}
     return jax.tree.map(np.asarray, split_banks(merge_params(trainable, frozen))), summary
 
 
