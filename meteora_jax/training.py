@@ -124,10 +124,12 @@ def peak_memory_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def step_summary(step_seconds: list[float], step_tokens: list[int]) -> dict[str, float | None]:
-    """Median step time and tokens/s over the steps after the first (which includes compilation)."""
+def step_summary(step_seconds: list[float], step_tokens: list[int]) -> dict[str, Any]:
+    """Steady-state step time and throughput: medians over the steps after the first (which compiles);
+    tokens/s = mean real tokens per step / median step time. Raw step times are kept alongside."""
     if not step_seconds:
-        return {"median_step_s": None, "tokens_per_s": None, "first_step_s": None}
+        return {"median_step_s": None, "tokens_per_s": None, "first_step_s": None, "step_seconds": []}
     seconds, tokens = (step_seconds[1:], step_tokens[1:]) if len(step_seconds) > 1 else (step_seconds, step_tokens)
-    return {"median_step_s": float(np.median(seconds)), "tokens_per_s": float(sum(tokens) / sum(seconds)),
-            "first_step_s": step_seconds[0]}
+    median = float(np.median(seconds))
+    return {"median_step_s": median, "tokens_per_s": float(np.mean(tokens)) / median,
+            "first_step_s": step_seconds[0], "step_seconds": [round(t, 5) for t in step_seconds]}
