@@ -122,3 +122,20 @@ def test_bad_routing_settings():
         Routing(strategy="magic")
     with pytest.raises(ValueError, match="unknown MeteoRA targets"):
         MeteoraConfig(num_adapters=2, rank=2, targets=("lm_head",))
+
+
+def test_rematerialised_layers_give_the_same_gate_gradients(rng):
+    from meteora_jax.training import loss_and_metrics
+
+    config, model, params = meteora_model()
+    remat_model = LlamaForCausalLM(config.replace(remat=True), linear=model.linear)
+    tokens = jnp.asarray(rng.integers(3, 97, (2, 8)))
+    batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens), "loss_mask": jnp.ones(tokens.shape, bool),
+             "task_ids": jnp.asarray(rng.integers(0, N, tokens.shape))}
+    gates, frozen = split_trainable(params)
+
+    def grads(m):
+        return jax.grad(lambda g: loss_and_metrics(m, merge_params(g, frozen), batch, 50.0)[0])(gates)
+
+    for plain, remat in zip(jax.tree.leaves(grads(model)), jax.tree.leaves(grads(remat_model))):
+        np.testing.assert_allclose(remat, plain, rtol=1e-5, atol=1e-7)
