@@ -95,9 +95,10 @@ def pipeline_section(run: dict) -> list[str]:
     settings = run["settings"]
     lines = [
         "## Training path on SmolLM2-135M (`train_pipeline.py`)\n",
-        f"Date {run['date'][:10]}; {run['device']}; jax {run['jax']}, Python {run['python']}. Real SmolLM2-135M-Instruct "
-        f"weights (bf16), {len(run['adapters'])} BIG-bench tasks: one LoRA each (r = 8, all 7 projections, "
-        f"{settings['lora_steps']} steps), stacked, then the gates trained on all tasks ({settings['gate_steps']} steps, "
+        f"Date {run['date'][:10]}; {run['device']}; jax {run['jax']}, Python {run['python']}. Real "
+        f"SmolLM2-135M-Instruct weights (bf16), {len(run['adapters'])} BIG-bench tasks: one LoRA each (r = 8, all 7 "
+        f"projections, {settings['lora_steps']} steps), stacked, then the gates trained on all tasks "
+        f"({settings['gate_steps']} steps, "
         f"lr {settings['gate_lr']}, task-balanced). Batch {settings['batch_size']} rows x {settings['max_length']} "
         "tokens, bf16 compute. Step time: median after the first (compiling) step; tokens/s: mean real (non-padding) "
         "tokens per step over that median; peak: the device allocator's peak in that process.\n",
