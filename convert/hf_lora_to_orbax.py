@@ -38,7 +38,14 @@ def main(argv=None) -> int:
     try:
         base = LlamaConfig.from_json_file(Path(args.base) / "config.json")
         adapters = [read_peft_adapter(name, path, base) for name, path in tqdm(args.adapter, desc="reading adapters")]
-        gates = read_meteora(args.gates)[0] if args.gates else None
+        gates = None
+        if args.gates:
+            gates, gates_manifest = read_meteora(args.gates)
+            theirs = [a["name"] for a in gates_manifest["adapters"]]
+            ours = [name for name, _ in args.adapter]
+            if theirs != ours:
+                raise ValueError(f"--gates {args.gates} routes over adapters {theirs}; these are {ours} "
+                                 "(same names in the same order needed, since the gate index is the adapter)")
         tree, manifest = build_banks(adapters, base, gate_init_std=args.gate_init_std, seed=args.seed,
                                      gates_from=gates)
         top_k = args.top_k if args.top_k is not None else min(2, len(adapters))

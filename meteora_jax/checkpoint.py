@@ -44,7 +44,11 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
-            staging.rename(out)
+            try:
+                staging.rename(out)
+            except OSError:
+                old.rename(out)
+                raise
             shutil.rmtree(old)
         else:
             staging.rename(out)

@@ -1,4 +1,4 @@
-"""The MeteoRA mixture of LoRA adapters as pure functions: top-k routing and four ways to apply it.
+"""The MeteoRA mixture of LoRA adapters as pure functions: top-k routing and the ways to apply it.
 
 Every strategy computes, for each token m,
     delta[m] = sum_j  w[m, j] * scaling[idx[m, j]] * (x[m] @ A[idx[m, j]]) @ B[idx[m, j]]
@@ -7,16 +7,13 @@ Axis letters: M tokens, I input features, O output features, N adapters, R rank,
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
-Strategy = Literal["loop", "bmm", "dense", "grouped", "pallas", "auto"]
 STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas", "auto")
 
 # N * r up to which `dense` (every adapter's x @ A in one matmul) is the fastest XLA form; above it
-# the per-token gather (`bmm`) wins. Measured on an H100 (bench/RESULTS.md): dense and bmm tie at
+# the per-token gather (`bmm`) wins. Measured on an H100 (bench/NOTES.md): dense and bmm tie at
 # N * r = 512, and at N * r = 8192 bmm is 1.8-2x faster. `grouped` never wins while XLA lowers
 # ragged_dot to a dense dot.
 DENSE_MAX_TOTAL_RANK = 512
@@ -109,9 +106,8 @@ def mixture_grouped(x, lora_a, lora_b, scaling, indices, weights):
     return jax.ops.segment_sum(out, token_of_pair, num_segments=m)
 
 
-def pick_strategy(tokens: int, num_adapters: int, rank: int, in_features: int, out_features: int) -> str:
-    """The `auto` choice, from the crossovers measured in bench/NOTES.md."""
-    del tokens, in_features, out_features
+def pick_strategy(num_adapters: int, rank: int) -> str:
+    """The `auto` choice, from the crossovers measured in bench/NOTES.md (neither T nor the dims moved them)."""
     return "dense" if num_adapters * rank <= DENSE_MAX_TOTAL_RANK else "bmm"
 
 
@@ -141,5 +137,5 @@ def lora_mixture(x, lora_a, lora_b, scaling, indices, weights, strategy: str = "
             f"shape mismatch: x {x.shape}, lora_a {lora_a.shape}, lora_b {lora_b.shape}, scaling {scaling.shape}"
         )
     if strategy == "auto":
-        strategy = pick_strategy(x.shape[0], n, r, i, lora_b.shape[-1])
+        strategy = pick_strategy(n, r)
     return _IMPLEMENTATIONS[strategy](x, lora_a, lora_b, scaling.astype(jnp.float32), indices, weights)

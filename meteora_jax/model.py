@@ -135,7 +135,8 @@ class LlamaForCausalLM(nn.Module):
         """Logits [B, T, V] (or [B, 1, V]) in float32, and the cache with these tokens appended.
 
         tokens: [B, T] ids. padding_mask: [B, T], False on (left) padding. With a cache, the
-        tokens are written at `cache.index` and attend to everything cached before them.
+        tokens are written at `cache.index` and attend to everything cached before them; a call
+        that would run past the cache's end returns NaN logits.
         segment_ids: [B, T] for packed rows (no cache): 1, 2, ... per example, 0 on padding; a token
         attends only within its segment and positions restart at each segment.
         routing: call-time MeteoRA settings (top-k, temperature, strategy, forcing), passed
@@ -193,6 +194,9 @@ class LlamaForCausalLM(nn.Module):
             head = self.param("lm_head", weight_init, (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)
         logits = jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
         if cache is not None:
+            # index is traced, so an overflow cannot raise; NaN logits make it loud instead of letting
+            # dynamic_update_slice shift the write back over earlier tokens.
+            logits = jnp.where(index + t > cache.max_len, jnp.nan, logits)
             cache = KVCache(tuple(new_keys), tuple(new_values), key_valid, index + t)
         return logits, cache
 

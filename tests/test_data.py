@@ -388,7 +388,7 @@ def test_truncation_keeps_the_response():
     arrays, stats = tokenize_records(records, tok, ["a"], 8, return_stats=True)
     assert (stats.truncated, stats.response_truncated) == (2, 1)
     (ids0, loss0, _), (ids1, _, _), (ids2, loss2, _) = _segments(arrays)
-    assert tok.decode(ids0) == "hij xyz</s>" and tok.decode(ids0[loss0]) == " xyz</s>"
+    assert tok.decode(ids0) == "<s>ij xyz</s>" and tok.decode(ids0[loss0]) == " xyz</s>"  # BOS survives
     assert tok.decode(ids1) == "<s>ab x</s>"
     assert tok.decode(ids2) == "c 012345" and loss2.sum() == 7  # one prompt token kept
 

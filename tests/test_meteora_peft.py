@@ -177,3 +177,13 @@ def test_bin_truncated_and_duplicate_adapters(setup, tmp_path, capsys):
     assert import_main(base + ["--adapter", f"x={dirs['full']}", "--adapter", f"x={dirs['full']}"]) == 1
     assert "duplicate adapter names: ['x']" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_gates_from_a_checkpoint_of_other_adapters_are_refused(setup, capsys):
+    root, _, _, dirs = setup
+    args = ["--base", str(root / "base"), "--out", str(root / "swapped"), "--gates", str(root / "meteora")]
+    for name in reversed(list(dirs)):
+        args += ["--adapter", f"{name}={dirs[name]}"]
+    assert import_main(args) == 1
+    assert "same names in the same order" in capsys.readouterr().err
+    assert not (root / "swapped").exists()

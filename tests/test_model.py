@@ -123,3 +123,14 @@ def test_packed_segments_equal_separate_rows(rng):
     ours, _ = model.apply({"params": params}, packed, segment_ids=segments)
     alone = [model.apply({"params": params}, row[None])[0][0] for row in (first, second)]
     assert rel_error(np.asarray(ours)[0, :12], np.concatenate(alone)) < F32_TOLERANCE
+
+
+def test_writing_past_the_cache_end_gives_nan_not_corruption(rng):
+    config = tiny_config()
+    model = LlamaForCausalLM(config)
+    params = params_from_hf(random_hf_model(config), config)
+    cache = KVCache.empty(config, batch=1, max_len=8)
+    logits, cache = model.apply({"params": params}, rng.integers(3, 97, (1, 6)), None, cache)
+    assert np.isfinite(np.asarray(logits)).all()
+    overflow, _ = model.apply({"params": params}, rng.integers(3, 97, (1, 4)), None, cache)
+    assert np.isnan(np.asarray(overflow)).all()

@@ -9,8 +9,9 @@ Each adapter of the MeteoRA checkpoint is a task: its gate index is the target f
 that task's examples. `--data bigbench:DIR` reads DIR/<adapter name>/task.json for every adapter;
 `--data jsonl:NAME=FILE` gives one task's {prompt, response} lines. Writes to DIR: checkpoints/
 (orbax, every --save-every steps, last --keep kept; --resume continues exactly), metrics.jsonl,
-validation.json (per-layer gate top-1 accuracy on held-out examples) and meteora/, a MeteoRA
-checkpoint with the trained gates that load_meteora and generate read.
+validation.json (per-layer gate top-1 accuracy on held-out examples), summary.json (step time,
+tokens/s, peak memory), run_settings.json and meteora/, a MeteoRA checkpoint with the trained gates
+that load_meteora and generate read.
 """
 
 from __future__ import annotations
@@ -70,7 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-rows", type=int, default=64, help="held-out rows for the gate accuracy")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "grad_accum", "max_length", "save_every", "eval_every", "eval_rows", "keep"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
 
 
 def task_records(specs: list[str], tasks: list[str]):
@@ -84,11 +89,13 @@ def task_records(specs: list[str], tasks: list[str]):
                 raise FileNotFoundError(f"--data {spec}: directory not found")
             for task in tasks:
                 if (root / task).is_dir():
+                    _claim(found, task, spec)
                     found[task] = split_records(load_task_records(root / task))
         elif kind == "jsonl":
             task, _, path = value.partition("=")
             if not task or not path:
                 raise ValueError(f"--data {spec}: expected jsonl:TASK=FILE")
+            _claim(found, task, spec)
             found[task] = split_records(read_jsonl_records(path, task))
         else:
             raise ValueError(f"--data {spec}: unknown kind {kind!r}; use bigbench:DIR or jsonl:TASK=FILE")
@@ -99,6 +106,11 @@ def task_records(specs: list[str], tasks: list[str]):
     # Held-out records interleaved task by task, so the first --eval-rows cover every task evenly.
     test = [r for group in itertools.zip_longest(*(found[t][1] for t in tasks)) for r in group if r is not None]
     return train, test
+
+
+def _claim(found: dict, task: str, spec: str) -> None:
+    if task in found:
+        raise ValueError(f"--data {spec}: task {task!r} already has data from an earlier --data")
 
 
 def micro_batches(arrays, step: int, args, rows: int):
@@ -158,7 +170,17 @@ def train(args, out: Path) -> int:
         state = manager.restore(start, args=ocp.args.StandardRestore({"trainable": trainable, "opt_state": opt_state}))
         trainable, opt_state = state["trainable"], state["opt_state"]
 
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "out")}
+    settings_file = out / "run_settings.json"
+    if start and settings_file.is_file():
+        before = json.loads(settings_file.read_text())
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            print(f"warning: resuming with changed settings {changed}: the run no longer matches an uninterrupted "
+                  "one", file=sys.stderr)
+    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
     layer_names = _layer_names(loaded, eval_arrays)
+    _truncate_metrics(out / "metrics.jsonl", start)
     metrics_file = open(out / "metrics.jsonl", "a")
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="gates", unit="step")
     step_seconds, step_tokens = [], []
@@ -205,6 +227,14 @@ def train(args, out: Path) -> int:
     save_meteora(out / "meteora", jax.tree.map(np.asarray, split_banks(params)), manifest, overwrite=True)
     print(f"wrote {out / 'meteora'}; held-out gate accuracy {validation['mean_gate_accuracy']:.3f}")
     return 0
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drops rows past the checkpoint a run resumes from: a killed run may have logged steps it lost."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in rows))
 
 
 def _layer_names(loaded, arrays) -> list[str]:

@@ -2,7 +2,8 @@
 
 python -m train.lora --base BASE_CKPT --task bigbench:DIR/TASK [--task ...] --out DIR [--rank 8] [--alpha 16]
     [--targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj] [--steps 200] [--batch-size 8]
-    [--max-length 512] [--lr 2e-4] [--warmup 20] [--dtype bfloat16] [--chat-template] [--seed 0]
+    [--max-length 512] [--lr 2e-4] [--warmup 20] [--dtype bfloat16] [--chat-template] [--each] [--overwrite]
+    [--seed 0]
 
 Several --task flags train one adapter on their union: the paper's "LoRA-B" baseline; with --each,
 one adapter per --task (OUT/<task name>/), sharing one compiled training step. The adapter is a
@@ -146,8 +147,13 @@ def train(args) -> int:
     module = LlamaForCausalLM(base.config, linear=MeteoraLinear(config))
     optimizer = make_optimizer(TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup, total_steps=args.steps))
     groups = [[spec] for spec in args.task] if args.each else [args.task]
-    for specs in groups:
-        records = [r for spec in specs for r in read_task(spec)]
+    data = [[r for spec in specs for r in read_task(spec)] for specs in groups]
+    if args.each:
+        names = [sorted({r["task"] for r in records})[0] for records in data]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"--each: tasks {duplicates} come from more than one --task; each needs its own name")
+    for records in data:
         names = sorted({r["task"] for r in records})
         out = Path(args.out) / names[0] if args.each else Path(args.out)
         arrays = tokenize_records(records, tokenizer=base.tokenizer, task_names=names, max_length=args.max_length,

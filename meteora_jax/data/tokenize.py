@@ -191,7 +191,10 @@ def tokenize_records(
                 response_truncated += 1
                 r_ids, r_lab = r_ids[: max_length - 1], r_lab[: max_length - 1]
             keep = max_length - len(r_ids)
-            p_ids, p_lab = p_ids[len(p_ids) - keep :], p_lab[len(p_lab) - keep :]
+            # A leading BOS stays: inference prompts always start with it.
+            head = 1 if p_ids and p_ids[0] == getattr(tokenizer, "bos_token_id", None) and keep > 1 else 0
+            p_ids = p_ids[:head] + p_ids[len(p_ids) - keep + head :]
+            p_lab = np.concatenate([p_lab[:head], p_lab[len(p_lab) - keep + head :]])
         examples.append((p_ids + r_ids, np.concatenate([p_lab, r_lab]), len(p_ids)))
 
     lengths = [len(e[0]) for e in examples]
