@@ -51,7 +51,7 @@ import jaxlib  # noqa: E402
 # The benchmark also runs from a plain checkout, where the package is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from meteora_jax.lora_mixture import lora_mixture, pick_strategy, route  # noqa: E402
+from meteora_jax.lora_mixture import dense_with_gate, lora_mixture, pick_strategy, route  # noqa: E402
 
 TOP_K = 2
 RANK = 8
@@ -61,7 +61,8 @@ INPUT_SETS = 3
 # Few-token cases run this many layer calls inside one program (see `repeated`).
 IN_PROGRAM_REPEATS = 50
 MAX_REPEATED_TOKENS = 256
-STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas")
+XLA_FORMS = ("loop", "bmm", "dense", "grouped", "pallas")
+STRATEGIES = (*XLA_FORMS, "dense_fused")
 VARIANTS = ("base", "lora", *STRATEGIES)
 TEMP_LIMIT_BYTES = 60 * 10**9
 MIN_SAMPLES, MAX_SAMPLES = 5, 30
@@ -167,7 +168,14 @@ def meteora_layer(strategy: str) -> Callable:
     return layer
 
 
-LAYERS = {"base": base_layer, "lora": lora_layer, **{s: meteora_layer(s) for s in STRATEGIES}}
+def dense_fused_layer(x, p):
+    """dense with the gate matmul folded into x @ A (what MeteoraDense runs for bf16 `dense`)."""
+    delta, _, _ = dense_with_gate(x, p["gate"], p["lora_a"], p["lora_b"], p["scaling"], TOP_K, TEMPERATURE)
+    return x @ p["w"] + delta.astype(x.dtype)
+
+
+LAYERS = {"base": base_layer, "lora": lora_layer, **{s: meteora_layer(s) for s in XLA_FORMS},
+          "dense_fused": dense_fused_layer}
 
 
 def normal(key, shape, std: float, dtype=jnp.bfloat16) -> jax.Array:

@@ -106,6 +106,26 @@ def mixture_grouped(x, lora_a, lora_b, scaling, indices, weights):
     return jax.ops.segment_sum(out, token_of_pair, num_segments=m)
 
 
+def dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k: int, temperature):
+    """The whole `dense` layer delta with the gate matmul folded into x @ A, so x is read once.
+
+    The float32 gate is split into bfloat16 high and low parts (gate = hi + lo to ~16 mantissa bits)
+    that ride in the same low-precision matmul as A, with float32 accumulation. Returns (delta [M, O]
+    float32, gate logits [M, N] float32, indices [M, K]). For bf16/f16 x; float32 x gains nothing.
+    """
+    m, i = x.shape
+    n, _, r = lora_a.shape
+    hi = gate.astype(x.dtype)
+    lo = (gate - hi.astype(jnp.float32)).astype(x.dtype)
+    weights = jnp.concatenate([jnp.swapaxes(lora_a, 0, 1).reshape(i, n * r).astype(x.dtype), hi, lo], axis=1)
+    both = jnp.dot(x, weights, preferred_element_type=jnp.float32)  # [M, N*R + 2N]
+    logits = both[:, n * r : n * r + n] + both[:, n * r + n :]
+    indices, mix = route(logits, top_k, temperature)
+    coef = coefficients(indices, mix, n) * scaling.astype(jnp.float32)
+    h = (both[:, : n * r].reshape(m, n, r) * coef[:, :, None]).astype(x.dtype)
+    return jnp.einsum("MNR,NRO->MO", h, lora_b, preferred_element_type=jnp.float32), logits, indices
+
+
 def pick_strategy(num_adapters: int, rank: int) -> str:
     """The `auto` choice, from the crossovers measured in bench/NOTES.md (neither T nor the dims moved them)."""
     return "dense" if num_adapters * rank <= DENSE_MAX_TOTAL_RANK else "bmm"

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from meteora_jax.layers import PROJECTIONS, Linear, weight_init
-from meteora_jax.lora_mixture import STRATEGIES, lora_mixture, route
+from meteora_jax.lora_mixture import STRATEGIES, dense_with_gate, lora_mixture, pick_strategy, route
 from meteora_jax.routing import Routing
 
 
@@ -60,14 +60,22 @@ class MeteoraDense(nn.Module):
             return y
 
         flat = x.reshape(-1, in_features).astype(self.dtype)
-        gate_logits = jnp.dot(flat.astype(jnp.float32), bank["gate"].astype(jnp.float32))  # [M, N]
+        lora_a, lora_b = bank["lora_a"].astype(self.dtype), bank["lora_b"].astype(self.dtype)
+        strategy = routing.strategy or cfg.strategy
+        if strategy == "auto":
+            strategy = pick_strategy(cfg.num_adapters, cfg.rank)
+        free_routing = routing.force_adapter is None and routing.assignment is None
+        if strategy == "dense" and free_routing and jnp.dtype(self.dtype).itemsize == 2:
+            delta, gate_logits, indices = dense_with_gate(
+                flat, bank["gate"], lora_a, lora_b, bank["scaling"], routing.top_k or cfg.top_k,
+                routing.temperature or cfg.temperature,
+            )
+        else:
+            gate_logits = jnp.dot(flat.astype(jnp.float32), bank["gate"].astype(jnp.float32))  # [M, N]
+            indices, weights = self._choose(gate_logits, routing)
+            delta = lora_mixture(flat, lora_a, lora_b, bank["scaling"], indices, weights, strategy)
         self.sow("intermediates", "gate_logits", gate_logits.reshape(*x.shape[:-1], cfg.num_adapters))
-        indices, weights = self._choose(gate_logits, routing)
         self.sow("intermediates", "adapter_indices", indices.reshape(*x.shape[:-1], -1))
-        delta = lora_mixture(
-            flat, bank["lora_a"].astype(self.dtype), bank["lora_b"].astype(self.dtype), bank["scaling"],
-            indices, weights, routing.strategy or cfg.strategy,
-        )
         return y + delta.reshape(y.shape).astype(y.dtype)
 
     def _choose(self, gate_logits: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array]:

@@ -96,3 +96,22 @@ def test_bad_arguments():
         lora_mixture(x, a, b, s, idx, w, "fast")
     with pytest.raises(ValueError, match="shape mismatch"):
         lora_mixture(x[:, :3], a, b, s, idx, w, "dense")
+
+
+def test_dense_with_gate_matches_float32_gate_and_dense():
+    from meteora_jax.lora_mixture import dense_with_gate
+
+    rng = np.random.default_rng(7)
+    m, i, o, n, r = 40, 64, 48, 6, 4
+    x = jnp.asarray(rng.standard_normal((m, i)), jnp.bfloat16)
+    gate = jnp.asarray(rng.standard_normal((i, n)) * 0.1, jnp.float32)
+    a = jnp.asarray(rng.standard_normal((n, i, r)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((n, r, o)), jnp.bfloat16)
+    scaling = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+    delta, logits, indices = dense_with_gate(x, gate, a, b, scaling, 2, 3.0)
+    exact = jnp.dot(x.astype(jnp.float32), gate)
+    assert rel_error(logits, exact) < 1e-4  # the hi + lo split keeps ~16 mantissa bits
+    ref_indices, ref_weights = route(exact, 2, 3.0)
+    np.testing.assert_array_equal(indices, ref_indices)
+    ref = lora_mixture(*(v.astype(jnp.float32) for v in (x, a, b)), scaling, ref_indices, ref_weights, "loop")
+    assert rel_error(delta, ref) < 1e-2

@@ -139,3 +139,18 @@ def test_rematerialised_layers_give_the_same_gate_gradients(rng):
 
     for plain, remat in zip(jax.tree.leaves(grads(model)), jax.tree.leaves(grads(remat_model))):
         np.testing.assert_allclose(remat, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_dense_layer_with_folded_gate_matches_loop(rng):
+    mcfg = MeteoraConfig(num_adapters=N, rank=R, strategy="dense")
+    config = tiny_config().replace(dtype="bfloat16")
+    model = LlamaForCausalLM(config, linear=MeteoraLinear(mcfg))
+    _, _, params = meteora_model()
+    # Well-separated gate logits: the folded and the float32 gate may round a near-tie differently.
+    params = jax.tree_util.tree_map_with_path(lambda p, x: x * 200 if p[-1].key == "gate" else x, params)
+    tokens = rng.integers(3, 97, (2, 7))
+    folded, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
+    loop, _ = model.apply({"params": params}, tokens, routing=Routing(strategy="loop"))
+    assert rel_error(folded[0], loop) < 3e-2
+    logits = state["intermediates"]["layers_0"]["mlp"]["up_proj"]["gate_logits"][0]
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 7, N)
