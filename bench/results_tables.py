@@ -10,7 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas")
+STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas", "dense_fused")
 
 
 def load(name: str) -> dict:
@@ -124,7 +124,8 @@ def main() -> None:
              "Written by `bench/results_tables.py` from the JSON in `results/` (every sample is there). Analysis, "
              "predictions and conclusions: `NOTES.md`.\n"]
     lines += generate_section([load("generate_throughput_8b.json"), load("generate_throughput_smollm2.json")])
-    lines += layer_section(load("meteora_layer.json"), "MeteoRA layer (`meteora_layer.py`), argmax routing")
+    lines += layer_section(load("meteora_layer.json"),
+                           "MeteoRA layer (`meteora_layer.py`), argmax routing, gate folded into dense")
     lines += layer_section(load("meteora_layer_lax_topk.json"),
                            "MeteoRA layer, previous run with `lax.top_k` routing and the untuned kernels")
     lines += tuning_section(load("pallas_tuning.json"))
