@@ -84,10 +84,14 @@ def mixture_bmm(x, lora_a, lora_b, scaling, indices, weights):
 
 def mixture_dense(x, lora_a, lora_b, scaling, indices, weights):
     """x @ A for all adapters in one matmul, scaled by the sparse coefficients, then one matmul with B."""
-    n, _, r = lora_a.shape
-    coef = coefficients(indices, weights, n) * scaling  # [M, N]
     h = jnp.einsum("MI,NIR->MNR", x, lora_a, preferred_element_type=jnp.float32)
-    h = (h * coef[:, :, None]).astype(x.dtype)
+    return _mix_all_adapters(h, lora_b, scaling, indices, weights, x.dtype)
+
+
+def _mix_all_adapters(h, lora_b, scaling, indices, weights, dtype):
+    """dense's second half: every adapter's x A [M, N, R] scaled by its sparse coefficient, then @ B."""
+    coef = coefficients(indices, weights, lora_b.shape[0]) * scaling  # [M, N]
+    h = (h * coef[:, :, None]).astype(dtype)
     return jnp.einsum("MNR,NRO->MO", h, lora_b, preferred_element_type=jnp.float32)
 
 
@@ -121,9 +125,8 @@ def dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k: int, temperature):
     both = jnp.dot(x, weights, preferred_element_type=jnp.float32)  # [M, N*R + 2N]
     logits = both[:, n * r : n * r + n] + both[:, n * r + n :]
     indices, mix = route(logits, top_k, temperature)
-    coef = coefficients(indices, mix, n) * scaling.astype(jnp.float32)
-    h = (both[:, : n * r].reshape(m, n, r) * coef[:, :, None]).astype(x.dtype)
-    return jnp.einsum("MNR,NRO->MO", h, lora_b, preferred_element_type=jnp.float32), logits, indices
+    h = both[:, : n * r].reshape(m, n, r)
+    return _mix_all_adapters(h, lora_b, scaling.astype(jnp.float32), indices, mix, x.dtype), logits, indices
 
 
 def pick_strategy(num_adapters: int, rank: int) -> str:

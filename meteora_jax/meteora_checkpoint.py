@@ -20,6 +20,7 @@ from meteora_jax.config import LlamaConfig
 from meteora_jax.meteora import MeteoraConfig, MeteoraLinear
 from meteora_jax.model import LlamaForCausalLM
 from meteora_jax.peft_io import LoraAdapter, stack_adapters
+from meteora_jax.trainable import merge_params
 
 MANIFEST = "meteora.json"
 FORMAT = "meteora-jax/1"
@@ -103,14 +104,7 @@ def load_meteora(base: str | os.PathLike, meteora: str | os.PathLike, *, dtype: 
         raise ValueError(f"MeteoRA checkpoint {meteora} was built for another base model ({detail})")
     config = meteora_config(manifest, **meteora_overrides)
     module = LlamaForCausalLM(loaded.config, linear=MeteoraLinear(config))
-    return LoadedModel(loaded.config, module, merge_trees(loaded.params, tree), loaded.tokenizer)
-
-
-def merge_trees(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merge_trees(base[key], value) if isinstance(value, dict) and key in base else value
-    return out
+    return LoadedModel(loaded.config, module, merge_params(tree, loaded.params), loaded.tokenizer)
 
 
 def split_banks(params: dict[str, Any]) -> dict[str, Any]:

@@ -128,9 +128,13 @@ def stack_adapters(adapters: Sequence[LoraAdapter], base: LlamaConfig) -> tuple[
                     lora_a[j, :, :r] = adapter.a[(layer, proj)]
                     lora_b[j, :r, :] = adapter.b[(layer, proj)]
                     scaling[j] = adapter.scaling[(layer, proj)]
-            bank = {"lora_a": lora_a, "lora_b": lora_b, "scaling": scaling}
-            tree.setdefault(f"layers_{layer}", {}).setdefault(PROJECTION_PARENT[proj], {})[proj] = {"meteora": bank}
+            put_bank(tree, layer, proj, {"lora_a": lora_a, "lora_b": lora_b, "scaling": scaling})
     return tree, rank, targets
+
+
+def put_bank(tree: dict[str, Any], layer: int, proj: str, bank: dict[str, Any]) -> None:
+    """Places one projection's bank where the model keeps it: layers_i/<parent>/<proj>/meteora."""
+    tree.setdefault(f"layers_{layer}", {}).setdefault(PROJECTION_PARENT[proj], {})[proj] = {"meteora": bank}
 
 
 def export_peft_adapter(banks: Mapping[str, Any], index: int, adapter_entry: Mapping[str, Any], out: Path) -> None:

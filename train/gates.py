@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from meteora_jax.data import batches, load_task_records, read_jsonl_records, split_records, tokenize_records
+from meteora_jax.data import batch_stream, load_task_records, read_jsonl_records, split_records, tokenize_records
 from meteora_jax.meteora_checkpoint import load_meteora, read_meteora, save_meteora, split_banks
 from meteora_jax.trainable import GATES, GATES_AND_ADAPTERS, merge_params, split_trainable
 from meteora_jax.training import (
@@ -113,18 +113,6 @@ def _claim(found: dict, task: str, spec: str) -> None:
         raise ValueError(f"--data {spec}: task {task!r} already has data from an earlier --data")
 
 
-def micro_batches(arrays, step: int, args, rows: int):
-    """The micro-batches of optimiser step `step`: a pure function of (seed, step), so a resumed
-    run reads exactly the batches an uninterrupted one would."""
-    per_epoch = max(rows // args.batch_size, 1)
-    out = []
-    for micro in range(step * args.grad_accum, (step + 1) * args.grad_accum):
-        epoch, index = divmod(micro, per_epoch)
-        out.append(next(batches(arrays, args.batch_size, seed=args.seed, epoch=epoch,
-                                task_balanced=args.task_balanced, start=index)))
-    return {k: np.stack([b[k] for b in out]) for k in out[0]}
-
-
 def checkpoint_manager(out: Path, args) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=args.keep, create=True)
     return ocp.CheckpointManager(out.absolute() / "checkpoints", options=options)
@@ -184,9 +172,12 @@ def train(args, out: Path) -> int:
     metrics_file = open(out / "metrics.jsonl", "a")
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="gates", unit="step")
     step_seconds, step_tokens = [], []
+    stream = batch_stream(train_arrays, args.batch_size, args.seed, task_balanced=args.task_balanced,
+                          start=start * args.grad_accum)
     for step in bar:
         started = time.perf_counter()
-        batch = micro_batches(train_arrays, step, args, rows)
+        micro = [next(stream) for _ in range(args.grad_accum)]
+        batch = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
         trainable, opt_state, metrics = train_step(
             loaded.module, trainable, opt_state, frozen, {k: jnp.asarray(v) for k, v in batch.items()},
             optimizer=optimizer, gate_loss_weight=config.gate_loss_weight,

@@ -27,13 +27,13 @@ import optax
 from tqdm import tqdm
 
 from meteora_jax.checkpoint import LoadedModel, atomic_directory, load_model
-from meteora_jax.data import batches, load_task_records, read_jsonl_records, split_records, tokenize_records
+from meteora_jax.data import batch_stream, load_task_records, read_jsonl_records, split_records, tokenize_records
 from meteora_jax.hf_weights import projection_shapes
-from meteora_jax.layers import PROJECTION_PARENT, PROJECTIONS
+from meteora_jax.layers import PROJECTIONS
 from meteora_jax.meteora import MeteoraConfig, MeteoraLinear
-from meteora_jax.meteora_checkpoint import merge_trees, split_banks
+from meteora_jax.meteora_checkpoint import split_banks
 from meteora_jax.model import LlamaForCausalLM
-from meteora_jax.peft_io import export_peft_adapter
+from meteora_jax.peft_io import export_peft_adapter, put_bank
 from meteora_jax.routing import Routing
 from meteora_jax.trainable import merge_params, split_trainable
 from meteora_jax.training import TrainConfig, lm_loss, make_optimizer, peak_memory_bytes, step_summary
@@ -80,14 +80,13 @@ def init_adapter(base: LoadedModel, targets, rank: int, alpha: float, seed: int)
     for layer in range(base.config.num_hidden_layers):
         for proj in targets:
             in_dim, out_dim = projection_shapes(base.config)[proj]
-            bank = {
+            put_bank(banks, layer, proj, {
                 "lora_a": (rng.standard_normal((1, in_dim, rank)) * in_dim**-0.5).astype(np.float32),
                 "lora_b": np.zeros((1, rank, out_dim), np.float32),
                 "scaling": np.full((1,), alpha / rank, np.float32),
                 "gate": np.zeros((in_dim, 1), np.float32),
-            }
-            banks.setdefault(f"layers_{layer}", {}).setdefault(PROJECTION_PARENT[proj], {})[proj] = {"meteora": bank}
-    return merge_trees(base.params, banks)
+            })
+    return merge_params(banks, base.params)
 
 
 def main(argv=None) -> int:
@@ -116,14 +115,11 @@ def fit(base: LoadedModel, module, optimizer, arrays, targets, args) -> tuple[di
     params = init_adapter(base, targets, args.rank, args.alpha, args.seed)
     trainable, frozen = split_trainable(params, ("lora_a", "lora_b"))
     opt_state = optimizer.init(trainable)
-    per_epoch = max(len(arrays["tokens"]) // args.batch_size, 1)
     step_seconds, step_tokens = [], []
-    epoch_batches = None
+    stream = batch_stream(arrays, args.batch_size, args.seed)
     bar = tqdm(range(args.steps), desc="lora", unit="step")
     for i in bar:
-        if i % per_epoch == 0:
-            epoch_batches = batches(arrays, args.batch_size, seed=args.seed, epoch=i // per_epoch)
-        batch = next(epoch_batches)
+        batch = next(stream)
         started = time.perf_counter()
         trainable, opt_state, loss = train_step(trainable, opt_state, frozen,
                                                 {k: jnp.asarray(v) for k, v in batch.items()},

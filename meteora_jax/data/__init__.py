@@ -17,7 +17,7 @@ from meteora_jax.data.composite import (
     score_composite,
 )
 from meteora_jax.data.jsonl import load_jsonl, read_jsonl_records
-from meteora_jax.data.tokenize import TokenizeStats, batches, epoch_order, tokenize_records
+from meteora_jax.data.tokenize import TokenizeStats, batch_stream, batches, epoch_order, tokenize_records
 
 _FETCH = ("download_sdist", "extract_tasks")
 
@@ -37,6 +37,7 @@ __all__ = [
     "COMPOSITE_5",
     "COMPOSITE_10",
     "TokenizeStats",
+    "batch_stream",
     "batches",
     "build_composite",
     "download_sdist",

@@ -279,3 +279,18 @@ def batches(
     for b in range(start, count):
         index = order[b * batch_size : (b + 1) * batch_size]
         yield {k: np.asarray(v)[index] for k, v in arrays.items()}
+
+
+def batch_stream(
+    arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, *, task_balanced: bool = False, start: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches across epochs without end, from global batch number `start` on.
+
+    Each epoch's order is computed once and depends only on (seed, epoch), so a run resumed at
+    `start` reads exactly the batches an uninterrupted run would.
+    """
+    per_epoch = max(len(arrays["tokens"]) // batch_size, 1)
+    epoch, index = divmod(start, per_epoch)
+    while True:
+        yield from batches(arrays, batch_size, seed, epoch, task_balanced, start=index)
+        epoch, index = epoch + 1, 0

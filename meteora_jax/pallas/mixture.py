@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from meteora_jax.pallas.lora_gather import GatherBlockSizes, lora_gather
+from meteora_jax.pallas.lora_gather import GatherBlockSizes, lora_gather, lora_gather_reference
 from meteora_jax.pallas.lora_segment import SegmentBlockSizes, lora_segment
 
 # Up to this many tokens the per-token gather kernel beats grouping tokens by adapter.
@@ -24,13 +24,6 @@ def _kernel(x, lora_a, lora_b, indices, coef, interpret):
     if x.shape[0] <= DECODE_MAX_TOKENS:
         return lora_gather(x, lora_a, lora_b, indices, coef, blocks=GatherBlockSizes(), interpret=interpret)
     return lora_segment(x, lora_a, lora_b, indices, coef, blocks=SegmentBlockSizes(), interpret=interpret)
-
-
-def _reference(x, lora_a, lora_b, indices, coef):
-    a = lora_a[indices]  # [M, K, I, R]
-    b = lora_b[indices]  # [M, K, R, O]
-    h = jnp.einsum("MI,MKIR->MKR", x, a, preferred_element_type=jnp.float32) * coef[..., None]
-    return jnp.einsum("MKR,MKRO->MO", h.astype(x.dtype), b, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -50,7 +43,7 @@ def _backward(interpret, residuals, g):
     hx = jnp.einsum("MI,MKIR->MKR", x, lora_a[indices], preferred_element_type=jnp.float32)
     hg = jnp.einsum("MO,MKRO->MKR", g.astype(x.dtype), lora_b[indices], preferred_element_type=jnp.float32)
     dcoef = jnp.sum(hx * hg, axis=-1)
-    _, adapter_vjp = jax.vjp(lambda a, b: _reference(x, a, b, indices, coef), lora_a, lora_b)
+    _, adapter_vjp = jax.vjp(lambda a, b: lora_gather_reference(x, a, b, indices, coef), lora_a, lora_b)
     da, db = adapter_vjp(g)
     return dx, da, db, None, dcoef
 
