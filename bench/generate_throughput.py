@@ -49,6 +49,8 @@ import transformers  # noqa: E402
 # The benchmark also runs from a plain checkout, where the package is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from result_path import default_result_path  # noqa: E402
+
 from meteora_jax.checkpoint import load_model  # noqa: E402
 from meteora_jax.config import LlamaConfig  # noqa: E402
 from meteora_jax.embedded import smollm2_checkpoint  # noqa: E402
@@ -111,12 +113,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hf-repeats", type=int, default=2, help="timed repeats of HF generate")
     parser.add_argument("--out", type=Path, help="JSON result file")
     return parser.parse_args(argv)
-
-
-def default_out() -> Path:
-    if os.environ.get("OUT"):
-        return Path(os.environ["OUT"]) / "generate_throughput.json"
-    return Path(__file__).resolve().parent / "results" / "generate_throughput.json"
 
 
 # ---------------------------------------------------------------- configurations
@@ -362,13 +358,8 @@ def measure_ours(module: LlamaForCausalLM, params: dict, prompts: np.ndarray, ba
     log(f"  ours batch {batch}: compiled and warmed up in {compile_s:.1f} s")
     prefill_s, prefill_samples = timed(run_prefill, settings.repeats)
     decode = time_decode(run_generate, settings.new_tokens, settings.repeats)
-    return Measurement(
-        impl="ours", batch=batch, prefill_s=prefill_s, generate_1_s=decode["generate_1_s"],
-        generate_n_s=decode["generate_n_s"], decode_s=decode["decode_s"],
-        decode_tok_s=batch * (settings.new_tokens - 1) / decode["decode_s"],
-        samples={"prefill": prefill_samples, **decode["samples"]},
-        compile_s=compile_s, tokens=np.asarray(result.tokens),
-    )
+    return measurement("ours", batch, settings, prefill_s, prefill_samples, decode, np.asarray(result.tokens),
+                       compile_s=compile_s)
 
 
 def measure_hf(model: transformers.LlamaForCausalLM, prompts: np.ndarray, batch: int, settings: Settings,
@@ -392,12 +383,17 @@ def measure_hf(model: transformers.LlamaForCausalLM, prompts: np.ndarray, batch:
     out = run_generate(settings.new_tokens)
     prefill_s, prefill_samples = timed(run_prefill, settings.repeats)
     decode = time_decode(run_generate, settings.new_tokens, settings.hf_repeats)
+    return measurement("hf", batch, settings, prefill_s, prefill_samples, decode,
+                       out[:, settings.prompt_len:].cpu().numpy())
+
+
+def measurement(impl: str, batch: int, settings: Settings, prefill_s: float, prefill_samples: list[float],
+                decode: dict[str, Any], tokens: np.ndarray, **extra) -> Measurement:
     return Measurement(
-        impl="hf", batch=batch, prefill_s=prefill_s, generate_1_s=decode["generate_1_s"],
+        impl=impl, batch=batch, prefill_s=prefill_s, generate_1_s=decode["generate_1_s"],
         generate_n_s=decode["generate_n_s"], decode_s=decode["decode_s"],
         decode_tok_s=batch * (settings.new_tokens - 1) / decode["decode_s"],
-        samples={"prefill": prefill_samples, **decode["samples"]},
-        tokens=out[:, settings.prompt_len:].cpu().numpy(),
+        samples={"prefill": prefill_samples, **decode["samples"]}, tokens=tokens, **extra,
     )
 
 
@@ -543,7 +539,7 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    out = args.out or default_out()
+    out = args.out or default_result_path("generate_throughput.json")
     if args.smoke:
         settings = Settings(prompt_len=32, new_tokens=16, batches=(1, 32), copy_bytes=64 << 20,
                             repeats=args.repeats, hf_repeats=args.hf_repeats)

@@ -51,6 +51,8 @@ import jaxlib  # noqa: E402
 # The benchmark also runs from a plain checkout, where the package is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from result_path import default_result_path  # noqa: E402
+
 from meteora_jax.lora_mixture import dense_with_gate, lora_mixture, pick_strategy, route  # noqa: E402
 
 TOP_K = 2
@@ -121,12 +123,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and short timing, for a CPU test")
     parser.add_argument("--out", type=Path, help="JSON result file")
     return parser.parse_args(argv)
-
-
-def default_out() -> Path:
-    if os.environ.get("OUT"):
-        return Path(os.environ["OUT"]) / "meteora_layer.json"
-    return Path(__file__).resolve().parent / "results" / "meteora_layer.json"
 
 
 def environment() -> dict[str, Any]:
@@ -395,7 +391,7 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     plan = smoke_plan() if args.smoke else full_plan()
-    out = args.out or default_out()
+    out = args.out or default_result_path("meteora_layer.json")
     report: dict[str, Any] = {**environment(), "smoke": args.smoke, "results": []}
     log(f"{report['device']} ({report['jax_backend']}), jax {jax.__version__}; {len(plan.cases)} shapes -> {out}")
     key = jax.random.key(0)

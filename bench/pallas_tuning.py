@@ -13,7 +13,6 @@ import argparse
 import datetime
 import itertools
 import json
-import os
 import statistics
 import sys
 import time
@@ -23,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from result_path import default_result_path  # noqa: E402
 
 from meteora_jax.lora_mixture import lora_mixture, route  # noqa: E402
 from meteora_jax.pallas import GatherBlockSizes, SegmentBlockSizes, lora_gather, lora_segment  # noqa: E402
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
                 record("segment", tokens, adapters, str(blocks), ms)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}
-    out = args.out or Path(os.environ.get("OUT", "bench/results")) / "pallas_tuning.json"
+    out = args.out or default_result_path("pallas_tuning.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print("\n| kind | T | N | best config | ms | dense ms | bmm ms |\n|---|---|---|---|---|---|---|")

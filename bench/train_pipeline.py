@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from result_path import default_result_path
+
 REPO = Path(__file__).resolve().parents[1]
 TEN_TASKS = ("object_counting", "cs_algorithms", "epistemic_reasoning", "winowhy", "strategyqa", "logical_deduction",
              "reasoning_about_colored_objects", "linguistics_puzzles", "question_selection", "goal_step_wikihow")
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
         "settings": vars(args) | {"out": str(args.out)}, "stage_wall_s": stages, "adapters": adapters,
         "gates": gates, "gate_validation_mean": validation["mean_gate_accuracy"],
     }
-    out = args.out or Path(os.environ.get("OUT", "bench/results")) / "train_pipeline.json"
+    out = args.out or default_result_path("train_pipeline.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print("\n| stage | what | median step ms | tokens/s | peak memory GiB | result |")
