@@ -3,14 +3,14 @@
 Every shape is bf16 with top-k 2 and rank 8: in -> out features, N adapters, T tokens. Variants:
     base                       x @ W
     lora                       x @ W + s * (x @ A) @ B, one rank-8 adapter
-    loop, bmm, dense, grouped  the full MeteoRA layer: x @ W + lora_mixture(...) with that strategy, the
-                               float32 gate logits x @ Wg and the top-k routing included
+    loop, bmm, dense,          the full MeteoRA layer as MeteoraDense runs it (lora_mixture.gated_output):
+    grouped, pallas            x @ W, the float32 gate logits, the top-k routing and the mixture
 A variant's time is the median over samples; one sample is R calls dispatched back to back (rotating over
-3 input sets, so that small shapes are not served from L2) and waited on once, divided by R. That is the
-device time of one call with host dispatch hidden, as it would be inside a jitted model; R is 1 for calls
-long enough that dispatch does not matter. Temporary memory is the compiled executable's
-temp_size_in_bytes. Variants whose compiled temporaries exceed 60 GB are skipped; out-of-memory at run
-time is recorded as "oom".
+3 input sets) and waited on once, divided by R. Cases of <= 256 tokens run as one program of 32 layer
+calls, each with its own weights (as the layers of a model's decode step: weights come from device memory,
+not L2) and each fed by the last, with no host dispatch between them. Temporary memory is the compiled
+executable's temp_size_in_bytes. Variants whose compiled temporaries exceed 60 GB are skipped;
+out-of-memory at run time is recorded as "oom".
 
 Usage (GPU, about 5 minutes):
     python bench/meteora_layer.py [--out FILE]
@@ -53,25 +53,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from result_path import default_result_path  # noqa: E402
 
-from meteora_jax.lora_mixture import dense_with_gate, lora_mixture, pick_strategy, route  # noqa: E402
+from meteora_jax.lora_mixture import gated_output, pick_strategy, route  # noqa: E402
 
 TOP_K = 2
 RANK = 8
 LORA_SCALING = 2.0  # alpha / r with alpha = 16
 TEMPERATURE = 1.0
 INPUT_SETS = 3
-# Few-token cases run this many layer calls inside one program (see `repeated`).
-IN_PROGRAM_REPEATS = 50
+# Few-token cases run this many layers, each with its own weights, inside one program (see `repeated`).
+LAYERS_PER_PROGRAM = 32
 MAX_REPEATED_TOKENS = 256
-XLA_FORMS = ("loop", "bmm", "dense", "grouped", "pallas")
-STRATEGIES = (*XLA_FORMS, "dense_fused")
+STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas")
+XLA_STRATEGIES = ("loop", "bmm", "dense", "grouped")
 VARIANTS = ("base", "lora", *STRATEGIES)
 TEMP_LIMIT_BYTES = 60 * 10**9
 MIN_SAMPLES, MAX_SAMPLES = 5, 30
 MAX_CALLS_PER_SAMPLE = 64
 SLOW_CALL_S = 2.0  # calls slower than this get only SLOW_SAMPLES samples
 SLOW_SAMPLES = 3
-TARGETS = {"prefill_time": 1.10, "prefill_temp": 1.2, "decode_time": 1.3}  # best strategy / lora
+# Issue 3, best strategy against one LoRA: prefill time and temporaries, decode time.
+# Issue 4, the `pallas` kernels: temporaries against one LoRA at every T, speed against the best XLA
+# strategy at N = 28, the best layer against the bare base linear at N >= 256 (T >= 4096), and decode
+# time against one LoRA at the largest N.
+TARGETS = {"prefill_time": 1.10, "prefill_temp": 1.2, "decode_time": 1.3, "kernel_temp": 1.2,
+           "kernel_speed_vs_xla": 0.8, "many_adapters_vs_base": 1.3, "many_adapters_decode": 1.5}
 START = time.perf_counter()
 
 
@@ -93,6 +98,9 @@ class Plan:
     prefill: Case  # the issue's prefill target point
     decode_adapters: int  # the decode target covers every case with this N and T <= decode_max_tokens
     decode_max_tokens: int
+    many_adapters: int  # issue 4's prefill targets for many adapters cover N >= this
+    decode_many_adapters: int  # ... and its decode target this N
+    prefill_min_tokens: int  # ... and, for prefill, T >= this
     seconds_per_variant: float  # timing budget per variant, compile not counted
     sample_seconds: float  # batch enough back-to-back calls that one sample lasts about this long
 
@@ -103,14 +111,16 @@ def grid(pairs: Sequence[tuple[int, int]], adapters: Sequence[int], tokens: Sequ
 
 def full_plan() -> Plan:
     cases = grid([(4096, 4096), (4096, 14336)], [28], [1, 16, 256, 4096, 16384])
-    cases += grid([(4096, 4096)], [64], [4096]) + grid([(4096, 4096)], [256, 1024], [4096, 16384])
+    cases += grid([(4096, 4096)], [64], [4096]) + grid([(4096, 4096)], [256, 1024], [1, 16, 4096, 16384])
     return Plan(tuple(cases), prefill=Case(4096, 4096, 28, 16384), decode_adapters=28, decode_max_tokens=16,
+                many_adapters=256, decode_many_adapters=1024, prefill_min_tokens=4096,
                 seconds_per_variant=0.5, sample_seconds=2e-3)
 
 
 def smoke_plan() -> Plan:
-    cases = grid([(64, 96), (64, 160)], [4], [1, 16, 64]) + grid([(64, 96)], [8], [64, 128])
+    cases = grid([(64, 96), (64, 160)], [4], [1, 16, 64]) + grid([(64, 96)], [8], [1, 64, 128])
     return Plan(tuple(cases), prefill=Case(64, 96, 4, 64), decode_adapters=4, decode_max_tokens=16,
+                many_adapters=8, decode_many_adapters=8, prefill_min_tokens=64,
                 seconds_per_variant=0.05, sample_seconds=1e-3)
 
 
@@ -122,6 +132,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and short timing, for a CPU test")
     parser.add_argument("--out", type=Path, help="JSON result file")
+    parser.add_argument("--adapters", help="comma-separated N: measure only the cases with these adapter counts "
+                        "(to split a run; the targets are checked on the cases measured)")
     return parser.parse_args(argv)
 
 
@@ -153,25 +165,17 @@ def lora_layer(x, p):
 
 
 def meteora_layer(strategy: str) -> Callable:
-    """The layer as meteora_jax.meteora.MeteoraDense computes it, with the mixture strategy fixed."""
+    """The layer as meteora_jax.meteora.MeteoraDense computes it, with the strategy fixed."""
 
     def layer(x, p):
-        gate_logits = jnp.dot(x.astype(jnp.float32), p["gate"])
-        indices, weights = route(gate_logits, TOP_K, TEMPERATURE)
-        delta = lora_mixture(x, p["lora_a"], p["lora_b"], p["scaling"], indices, weights, strategy)
-        return x @ p["w"] + delta.astype(x.dtype)
+        y, _, _ = gated_output(x, x @ p["w"], p["gate"], p["lora_a"], p["lora_b"], p["scaling"], TOP_K,
+                               TEMPERATURE, strategy)
+        return y
 
     return layer
 
 
-def dense_fused_layer(x, p):
-    """dense with the gate matmul folded into x @ A (what MeteoraDense runs for bf16 `dense`)."""
-    delta, _, _ = dense_with_gate(x, p["gate"], p["lora_a"], p["lora_b"], p["scaling"], TOP_K, TEMPERATURE)
-    return x @ p["w"] + delta.astype(x.dtype)
-
-
-LAYERS = {"base": base_layer, "lora": lora_layer, **{s: meteora_layer(s) for s in XLA_FORMS},
-          "dense_fused": dense_fused_layer}
+LAYERS = {"base": base_layer, "lora": lora_layer, **{s: meteora_layer(s) for s in STRATEGIES}}
 
 
 def normal(key, shape, std: float, dtype=jnp.bfloat16) -> jax.Array:
@@ -238,24 +242,28 @@ def time_compiled(compiled, inputs: Sequence[tuple], plan: Plan) -> dict[str, An
     }
 
 
-def repeated(layer: Callable, repeats: int) -> Callable:
-    """`repeats` calls of the layer inside one program, each fed by the last, so that host dispatch
-    (50-100 us per jitted call) does not hide a few-token layer's device time."""
+def repeated(layer: Callable) -> Callable:
+    """One straight-line program of layer calls, one per weight set, each fed by the last (its output's
+    first `in` features), as the layers of a model's decode step: no host dispatch (50-100 us per jitted
+    call) hides a few-token layer's device time, and the weights stream from device memory rather than L2.
+    The first bench run used a fori_loop over one weight set instead; its loop added a host round trip
+    per iteration and kept the weights in L2 (bench/NOTES.md)."""
 
-    def run(x, p):
-        def body(_, x):
+    def run(x, param_sets):
+        in_features = x.shape[1]
+        for p in param_sets:
             y = layer(x, p)
-            return x + (y[:, :1] * 0).astype(x.dtype)  # a real dependency; XLA keeps float x * 0
-
-        return jax.lax.fori_loop(0, repeats, body, x)
+            if y.shape[1] < in_features:
+                raise ValueError(f"chaining layers needs out >= in features, got {in_features}->{y.shape[1]}")
+            x = y[:, :in_features]
+        return x
 
     return run
 
 
 def measure_variant(variant: str, inputs: Sequence[tuple], plan: Plan) -> dict[str, Any]:
-    tokens = inputs[0][0].shape[0]
-    repeats = IN_PROGRAM_REPEATS if tokens <= MAX_REPEATED_TOKENS else 1
-    layer = repeated(LAYERS[variant], repeats) if repeats > 1 else LAYERS[variant]
+    repeats = len(inputs[0][1]) if isinstance(inputs[0][1], tuple) else 1
+    layer = repeated(LAYERS[variant]) if repeats > 1 else LAYERS[variant]
     try:
         start = time.perf_counter()
         compiled = jax.jit(layer).lower(*inputs[0]).compile()
@@ -274,11 +282,14 @@ def measure_variant(variant: str, inputs: Sequence[tuple], plan: Plan) -> dict[s
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each variant's time against base and lora of its case, and its temporaries against lora's."""
+    """Each variant's time against base, lora and the fastest XLA strategy of its case, and its
+    temporaries against lora's."""
     by_variant = {row["variant"]: row for row in rows}
     base, lora = by_variant["base"], by_variant["lora"]
+    xla_times = [by_variant[s]["median_ms"] for s in XLA_STRATEGIES if by_variant[s]["status"] == "ok"]
     for row in rows:
         row["time_vs_base"] = ratio(row.get("median_ms"), base.get("median_ms"))
+        row["time_vs_best_xla"] = ratio(row.get("median_ms"), min(xla_times, default=None))
         row["time_vs_lora"] = ratio(row.get("median_ms"), lora.get("median_ms"))
         row["temp_vs_lora"] = ratio(row.get("temp_bytes"), lora.get("temp_bytes"))
 
@@ -288,14 +299,19 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def measure_group(cases: list[Case], plan: Plan, key) -> list[dict[str, Any]]:
-    """Cases sharing in/out/N share their weights; only the tokens change."""
-    param_keys = jax.random.split(key, INPUT_SETS)
+    """Cases sharing in/out/N share their weights; only the tokens change. Few-token cases get a program of
+    LAYERS_PER_PROGRAM layers (all weight sets) per input set, larger ones one layer call per input set."""
+    few_tokens = any(case.tokens <= MAX_REPEATED_TOKENS for case in cases)
+    param_keys = jax.random.split(key, LAYERS_PER_PROGRAM if few_tokens else INPUT_SETS)
     params = [make_params(cases[0], k) for k in param_keys]
     rows = []
     for case in cases:
         x_keys = jax.random.split(jax.random.fold_in(key, case.tokens), INPUT_SETS)
         xs = [normal(k, (case.tokens, case.in_features), 1.0) for k in x_keys]
-        inputs = list(zip(xs, params))
+        if case.tokens <= MAX_REPEATED_TOKENS:
+            inputs = [(x, tuple(params)) for x in xs]
+        else:
+            inputs = list(zip(xs, params))
         spread = routing_spread(xs[0], params[0])
         case_rows = []
         for variant in VARIANTS:
@@ -325,15 +341,26 @@ def best_strategy(case_rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None
 
 def target_checks(rows: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
     checks = []
-    best = best_strategy(rows_of(rows, plan.prefill))
-    name = f"prefill {plan.prefill.shape} N={plan.prefill.adapters} T={plan.prefill.tokens}"
-    checks.append(check(f"{name} time", best, "time_vs_lora", TARGETS["prefill_time"]))
-    checks.append(check(f"{name} temp", best, "temp_vs_lora", TARGETS["prefill_temp"]))
+    if plan.prefill in plan.cases:
+        best = best_strategy(rows_of(rows, plan.prefill))
+        name = f"prefill {plan.prefill.shape} N={plan.prefill.adapters} T={plan.prefill.tokens}"
+        checks.append(check(f"{name} time", best, "time_vs_lora", TARGETS["prefill_time"]))
+        checks.append(check(f"{name} temp", best, "temp_vs_lora", TARGETS["prefill_temp"]))
     for case in plan.cases:
-        if case.adapters == plan.decode_adapters and case.tokens <= plan.decode_max_tokens:
-            best = best_strategy(rows_of(rows, case))
-            checks.append(check(f"decode {case.shape} N={case.adapters} T={case.tokens} time", best,
-                                "time_vs_lora", TARGETS["decode_time"]))
+        case_rows = rows_of(rows, case)
+        best, kernel = best_strategy(case_rows), case_rows.get("pallas")
+        name = f"{case.shape} N={case.adapters} T={case.tokens}"
+        decode = case.tokens <= plan.decode_max_tokens
+        if case.adapters == plan.decode_adapters and decode:
+            checks.append(check(f"decode {name} time / lora", best, "time_vs_lora", TARGETS["decode_time"]))
+        checks.append(check(f"kernel {name} temp / lora", kernel, "temp_vs_lora", TARGETS["kernel_temp"]))
+        if case.adapters == plan.decode_adapters:
+            checks.append(check(f"kernel {name} time / best XLA", kernel, "time_vs_best_xla",
+                                1 / TARGETS["kernel_speed_vs_xla"]))
+        if case.adapters >= plan.many_adapters and case.tokens >= plan.prefill_min_tokens:
+            checks.append(check(f"prefill {name} time / base", best, "time_vs_base", TARGETS["many_adapters_vs_base"]))
+        if case.adapters == plan.decode_many_adapters and decode:
+            checks.append(check(f"decode {name} time / lora", best, "time_vs_lora", TARGETS["many_adapters_decode"]))
     return checks
 
 
@@ -367,7 +394,7 @@ def markdown_table(rows: list[dict[str, Any]], plan: Plan) -> str:
     for case in plan.cases:
         case_rows = rows_of(rows, case)
         best = best_strategy(case_rows)
-        auto = pick_strategy(case.adapters, RANK)
+        auto = pick_strategy(case.adapters, RANK, case.tokens)
         if best:
             temps = f"{human_bytes(best['temp_bytes'])} / {human_bytes(case_rows['lora'].get('temp_bytes'))}"
             temp_cell = f"{fmt_ratio(best['temp_vs_lora'])} ({temps})"
@@ -391,6 +418,9 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     plan = smoke_plan() if args.smoke else full_plan()
+    if args.adapters:
+        wanted = {int(n) for n in args.adapters.split(",")}
+        plan = dataclasses.replace(plan, cases=tuple(c for c in plan.cases if c.adapters in wanted))
     out = args.out or default_result_path("meteora_layer.json")
     report: dict[str, Any] = {**environment(), "smoke": args.smoke, "results": []}
     log(f"{report['device']} ({report['jax_backend']}), jax {jax.__version__}; {len(plan.cases)} shapes -> {out}")
@@ -406,8 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     for c in report["targets"]:
         verdict = "holds" if c["holds"] else "MISSED"
-        print(f"target {c['target']}: best {c['strategy']} at {fmt_ratio(c['ratio'])} of lora "
-              f"(limit {c['limit']:.2f}x): {verdict}")
+        print(f"target {c['target']}: {c['strategy']} at {fmt_ratio(c['ratio'])} (limit {c['limit']:.2f}x): {verdict}")
     print()
     print(markdown_table(report["results"], plan), flush=True)
     return 0

@@ -40,36 +40,70 @@ def generate_section(runs: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def layer_section(run: dict, title: str) -> list[str]:
+LAYER_METHODS = {
+    "chained": "Cases of <= 256 tokens run as one program of 32 chained layer calls, each with its own weights (as "
+               "a model's decode step: weights stream from device memory, no host dispatch between calls).",
+    "fori_loop": "Cases of <= 256 tokens run 50 layer calls of one weight set in a fori_loop inside one program "
+                 "(the first method: it kept the weights in L2 and added a host round trip per iteration).",
+}
+
+
+def layer_section(runs: list[dict], title: str, method: str) -> list[str]:
+    run = runs[0]
     v = run["versions"]
     lines = [
         f"## {title}\n",
         f"Date {run['date'][:10]}; {run['device']}; jax {v['jax']}, jaxlib {v['jaxlib']}, Python {v['python']}. One "
         "layer forward (base matmul + float32 gate logits + top-2 routing + adapter mixture), bf16, k = 2, r = 8. "
-        "Time: median; cases of <= 256 tokens run 50 layer calls inside one program so that host dispatch does not "
-        "hide device time. Temp: XLA's compiled temporary bytes.\n",
+        f"Time: median over samples. {LAYER_METHODS[method]} Temp: XLA's compiled temporary bytes.\n",
     ]
-    variants = ["base", "lora", *[s for s in STRATEGIES if any(r["variant"] == s for r in run["results"])]]
+    results = [r for run in runs for r in run["results"]]
+    variants = ["base", "lora", *[s for s in STRATEGIES if any(r["variant"] == s for r in results)]]
+    strategies = [s for s in variants if s in STRATEGIES]
     rows: dict[tuple, dict] = {}
-    for r in run["results"]:
+    for r in results:
         rows.setdefault((r["in_features"], r["out_features"], r["adapters"], r["tokens"]), {})[r["variant"]] = r
     lines.append("| in->out | N | T | " + " | ".join(f"{n} ms" for n in variants) + " | best | best / lora time | "
                  "best / lora temp |")
     lines.append("|---|---:|---:|" + "---:|" * len(variants) + "---|---:|---:|")
     for (i, o, n, t), case in rows.items():
-        cells = [f"{case[v]['median_ms']:.3f}" if case.get(v, {}).get("status") == "ok"
+        cells = [f"{case[v]['median_ms']:.4g}" if case.get(v, {}).get("status") == "ok"
                  else case.get(v, {}).get("status", "-").split(":")[0] for v in variants]
-        timed = [s for s in STRATEGIES if case.get(s, {}).get("status") == "ok"]
+        timed = [s for s in strategies if case.get(s, {}).get("status") == "ok"]
         best = min(timed, key=lambda s: case[s]["median_ms"])
         lora = case["lora"]
         lines.append(f"| {i}->{o} | {n} | {t} | " + " | ".join(cells) + f" | {best} | "
                      f"{case[best]['median_ms'] / lora['median_ms']:.2f}x | "
                      f"{case[best]['temp_bytes'] / lora['temp_bytes']:.2f}x |")
     lines.append("")
-    for target in run.get("targets", []):
+    for target in (t for run in runs for t in run.get("targets", [])):
         verdict = "holds" if target["holds"] else "MISSED"
-        lines.append(f"- {target['target']}: {target['strategy']} at {target['ratio']:.2f}x (limit "
-                     f"{target['limit']:.2f}x): {verdict}")
+        ratio = "n/a" if target["ratio"] is None else f"{target['ratio']:.2f}x"
+        lines.append(f"- {target['target']}: {target['strategy']} at {ratio} (limit {target['limit']:.2f}x): {verdict}")
+    return lines + [""]
+
+
+def decode_tuning_section(run: dict) -> list[str]:
+    lines = [
+        "## Decode-kernel block sizes (`decode_tuning.py`)\n",
+        f"Date {run['date'][:10]}; {run['device']}; jax {run['versions']['jax']}. The three decode kernels alone "
+        f"(gate, route_shrink, expand_add), {run['calls_per_program']} chained calls per program, profiler kernel "
+        "time per call; 4096 -> out, bf16, r = 8, k = 2. Each kernel's best configuration, and the time of the "
+        f"run's defaults ({run['defaults']}); today's defaults come from this table.\n",
+        "| T | N | out | kernel | best configuration | us | default us |",
+        "|---:|---:|---:|---|---|---:|---:|",
+    ]
+    fields = {"gate": ("gate_block_in", "gate_block_adapters", "gate_num_warps"),
+              "route_shrink": ("block_in", "num_warps"), "expand_add": ("block_out", "num_warps")}
+    cases = list(dict.fromkeys((r["tokens"], r["adapters"], r["out_features"]) for r in run["results"]))
+    for case in cases:
+        mine = [r for r in run["results"] if (r["tokens"], r["adapters"], r["out_features"]) == case]
+        defaults = next(r for r in mine if all(r[f] == v for f, v in run["defaults"].items()))
+        for kernel, names in fields.items():
+            best = min(mine, key=lambda r: r[kernel])
+            config = ", ".join(f"{f}={best[f]}" for f in names)
+            lines.append(f"| {case[0]} | {case[1]} | {case[2]} | {kernel} | {config} | {best[kernel]:.2f} | "
+                         f"{defaults[kernel]:.2f} |")
     return lines + [""]
 
 
@@ -124,10 +158,11 @@ def main() -> None:
              "Written by `bench/results_tables.py` from the JSON in `results/` (every sample is there). Analysis, "
              "predictions and conclusions: `NOTES.md`.\n"]
     lines += generate_section([load("generate_throughput_8b.json"), load("generate_throughput_smollm2.json")])
-    lines += layer_section(load("meteora_layer.json"),
-                           "MeteoRA layer (`meteora_layer.py`), argmax routing, gate folded into dense")
-    lines += layer_section(load("meteora_layer_lax_topk.json"),
-                           "MeteoRA layer, previous run with `lax.top_k` routing and the untuned kernels")
+    lines += layer_section([load("meteora_layer_n28.json"), load("meteora_layer_many.json")],
+                           "MeteoRA layer (`meteora_layer.py`), with the Pallas decode kernels", "chained")
+    lines += layer_section([load("meteora_layer_fori_loop.json")],
+                           "MeteoRA layer, previous run (`dense_fused` is today's `dense`)", "fori_loop")
+    lines += decode_tuning_section(load("decode_tuning.json"))
     lines += tuning_section(load("pallas_tuning.json"))
     lines += pipeline_section(load("train_pipeline.json"))
     (HERE / "RESULTS.md").write_text("\n".join(lines))

@@ -19,6 +19,10 @@ STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas", "auto")
 DENSE_MAX_TOTAL_RANK = 512
 # Up to this k the routing uses k argmax rounds instead of lax.top_k.
 ARGMAX_TOP_K = 4
+# Up to this many tokens `pallas` runs the whole routed layer in its decode kernels.
+PALLAS_DECODE_MAX_TOKENS = 16
+# The gate matmul pads fewer tokens to this many rows (see compute_gate_logits).
+GATE_MIN_ROWS = 8
 
 
 def route(gate_logits: jax.Array, top_k: int, temperature) -> tuple[jax.Array, jax.Array]:
@@ -129,9 +133,51 @@ def dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k: int, temperature):
     return _mix_all_adapters(h, lora_b, scaling.astype(jnp.float32), indices, mix, x.dtype), logits, indices
 
 
-def pick_strategy(num_adapters: int, rank: int) -> str:
-    """The `auto` choice, from the crossovers measured in bench/NOTES.md (neither T nor the dims moved them)."""
-    return "dense" if num_adapters * rank <= DENSE_MAX_TOTAL_RANK else "bmm"
+def compute_gate_logits(x, gate) -> jax.Array:
+    """x @ gate in float32, [M, N]. Below GATE_MIN_ROWS tokens XLA lowers the dot to a multiply and a
+    reduction that cost 2-3x a matrix product on an H100 (bench/NOTES.md); zero rows keep it a product."""
+    m = x.shape[0]
+    x = x.astype(jnp.float32)
+    if m < GATE_MIN_ROWS:
+        x = jnp.concatenate([x, jnp.zeros((GATE_MIN_ROWS - m, x.shape[1]), x.dtype)])
+    return jnp.dot(x, gate.astype(jnp.float32))[:m]
+
+
+def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, strategy: str):
+    """The layer with its own gate routing: (y + delta in y's dtype, gate logits [M, N] float32, indices [M, K]).
+
+    x [M, I], y [M, O] the base output. Each strategy takes its fastest whole-layer form: bf16 `dense`
+    folds the gate into x @ A; `pallas` on few tokens runs gate, routing and mixture in its decode kernels.
+    """
+    if strategy == "auto":
+        strategy = pick_strategy(lora_a.shape[0], lora_a.shape[-1], x.shape[0])
+    if strategy == "dense" and jnp.dtype(x.dtype).itemsize == 2:
+        delta, logits, indices = dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k, temperature)
+        return y + delta.astype(y.dtype), logits, indices
+    if strategy == "pallas" and x.shape[0] <= PALLAS_DECODE_MAX_TOKENS:
+        from meteora_jax.pallas.decode_layer import decode_layer  # Pallas imports stay off the default path
+
+        y, logits, indices, _ = decode_layer(x, gate, y, lora_a, lora_b, scaling, top_k=top_k,
+                                             temperature=temperature, interpret=jax.default_backend() != "gpu")
+        return y, logits, indices
+    logits = compute_gate_logits(x, gate)
+    indices, weights = route(logits, top_k, temperature)
+    delta = lora_mixture(x, lora_a, lora_b, scaling, indices, weights, strategy)
+    return y + delta.astype(y.dtype), logits, indices
+
+
+def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None) -> str:
+    """The `auto` choice, from the crossovers measured on an H100 (bench/NOTES.md).
+
+    Mixtures alone (`tokens` None, e.g. forced routing): dense while N * r <= DENSE_MAX_TOTAL_RANK,
+    else bmm. The gated layer (`tokens` given) on a GPU with at most PALLAS_DECODE_MAX_TOKENS tokens:
+    the Pallas decode kernels, except where dense measured faster (several tokens and a small N * r).
+    """
+    small = num_adapters * rank <= DENSE_MAX_TOTAL_RANK
+    decode = tokens is not None and tokens <= PALLAS_DECODE_MAX_TOKENS and jax.default_backend() == "gpu"
+    if decode and (tokens == 1 or not small):
+        return "pallas"
+    return "dense" if small else "bmm"
 
 
 def mixture_pallas(x, lora_a, lora_b, scaling, indices, weights):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from meteora_jax.layers import PROJECTIONS, Linear, weight_init
-from meteora_jax.lora_mixture import STRATEGIES, dense_with_gate, lora_mixture, pick_strategy, route
+from meteora_jax.lora_mixture import STRATEGIES, compute_gate_logits, gated_output, lora_mixture
 from meteora_jax.routing import Routing
 
 
@@ -62,34 +62,32 @@ class MeteoraDense(nn.Module):
         flat = x.reshape(-1, in_features).astype(self.dtype)
         lora_a, lora_b = bank["lora_a"].astype(self.dtype), bank["lora_b"].astype(self.dtype)
         strategy = routing.strategy or cfg.strategy
-        if strategy == "auto":
-            strategy = pick_strategy(cfg.num_adapters, cfg.rank)
-        free_routing = routing.force_adapter is None and routing.assignment is None
-        if strategy == "dense" and free_routing and jnp.dtype(self.dtype).itemsize == 2:
-            delta, gate_logits, indices = dense_with_gate(
-                flat, bank["gate"], lora_a, lora_b, bank["scaling"], routing.top_k or cfg.top_k,
-                routing.temperature or cfg.temperature,
+        top_k = routing.top_k or cfg.top_k
+        if routing.force_adapter is None and routing.assignment is None:
+            out, gate_logits, indices = gated_output(
+                flat, y.reshape(-1, self.features), bank["gate"], lora_a, lora_b, bank["scaling"], top_k,
+                routing.temperature or cfg.temperature, strategy,
             )
         else:
-            gate_logits = jnp.dot(flat.astype(jnp.float32), bank["gate"].astype(jnp.float32))  # [M, N]
+            gate_logits = compute_gate_logits(flat, bank["gate"])
             indices, weights = self._choose(gate_logits, routing)
             delta = lora_mixture(flat, lora_a, lora_b, bank["scaling"], indices, weights, strategy)
+            out = y.reshape(-1, self.features) + delta.astype(y.dtype)
         self.sow("intermediates", "gate_logits", gate_logits.reshape(*x.shape[:-1], cfg.num_adapters))
         self.sow("intermediates", "adapter_indices", indices.reshape(*x.shape[:-1], -1))
-        return y + delta.reshape(y.shape).astype(y.dtype)
+        return out.reshape(y.shape)
 
-    def _choose(self, gate_logits: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array]:
+    @staticmethod
+    def _choose(gate_logits: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array]:
+        """Indices and weights of forced routing: one adapter for all tokens, or a per-token assignment."""
         m, n = gate_logits.shape
         if routing.force_adapter is not None:
             if not 0 <= routing.force_adapter < n:
                 raise ValueError(f"force_adapter={routing.force_adapter} is not an adapter index (0..{n - 1})")
             return jnp.full((m, 1), routing.force_adapter, jnp.int32), jnp.ones((m, 1), jnp.float32)
-        if routing.assignment is not None:
-            chosen = routing.assignment.reshape(m, 1).astype(jnp.int32)
-            # -1 means "no adapter": any index with weight 0 contributes nothing.
-            return jnp.maximum(chosen, 0), (chosen >= 0).astype(jnp.float32)
-        top_k = routing.top_k or self.meteora.top_k
-        return route(gate_logits, top_k, routing.temperature or self.meteora.temperature)
+        chosen = routing.assignment.reshape(m, 1).astype(jnp.int32)
+        # -1 means "no adapter": any index with weight 0 contributes nothing.
+        return jnp.maximum(chosen, 0), (chosen >= 0).astype(jnp.float32)
 
 
 class AdapterBank(nn.Module):

@@ -1,0 +1,124 @@
+"""Block-size sweep of the decode-layer Pallas kernels (gate, route_shrink, expand_add) on the GPU.
+
+Each configuration runs as 32 chained calls with their own gates and adapters in one program (as
+kernel_trace.py), and the profiler's time of each kernel is reported per call. The gate tile is swept
+with the other kernels at their defaults, then the shrink and expand blocks with the gate at its
+default; each kernel's best is read off separately (the last two share num_warps).
+
+Usage (GPU): python bench/decode_tuning.py [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import itertools
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernel_trace import device_kernel_events  # noqa: E402
+from meteora_layer import RANK, TOP_K, environment  # noqa: E402
+from result_path import default_result_path  # noqa: E402
+
+from meteora_jax.pallas.decode_layer import DecodeBlockSizes, decode_layer  # noqa: E402
+
+CALLS = 32
+IN_FEATURES = 4096
+KERNELS = ("gate", "route_shrink", "expand_add")
+CASES = [(1, 28, 4096), (16, 28, 4096), (16, 28, 14336), (1, 1024, 4096), (16, 1024, 4096)]  # (T, N, out)
+GATE_TILES = [(64, 32), (128, 32), (256, 32), (512, 32), (128, 64), (256, 64), (128, 128)]  # (in, adapters)
+GATE_WARPS = (2, 4)
+BLOCKS = [(128, 128), (128, 256), (256, 128)]  # (block_in, block_out); the first run swept these wider
+WARPS = (1,)
+FIELDS = {"gate": ("gate_block_in", "gate_block_adapters", "gate_num_warps"), "route_shrink": ("block_in", "num_warps"),
+          "expand_add": ("block_out", "num_warps")}
+
+
+def configs() -> list[DecodeBlockSizes]:
+    default = DecodeBlockSizes()
+    gate = [dataclasses.replace(default, gate_block_in=i, gate_block_adapters=n, gate_num_warps=w)
+            for (i, n), w in itertools.product(GATE_TILES, GATE_WARPS)]
+    rest = [dataclasses.replace(default, block_in=i, block_out=o, num_warps=w)
+            for (i, o), w in itertools.product(BLOCKS, WARPS)]
+    return gate + [c for c in rest if c not in gate]
+
+
+def weights(tokens: int, adapters: int, out_features: int):
+    keys = jax.random.split(jax.random.key(tokens + adapters), 3 * CALLS + 1)
+    x = jax.random.normal(keys[0], (tokens, IN_FEATURES), jnp.bfloat16)
+    sets = []
+    for c in range(CALLS):
+        ka, kb, kg = keys[1 + 3 * c : 4 + 3 * c]
+        sets.append({
+            "a": (jax.random.normal(ka, (adapters, IN_FEATURES, RANK)) * IN_FEATURES**-0.5).astype(jnp.bfloat16),
+            "b": (jax.random.normal(kb, (adapters, RANK, out_features)) * RANK**-0.5).astype(jnp.bfloat16),
+            "gate": jax.random.normal(kg, (IN_FEATURES, adapters)) * IN_FEATURES**-0.5,
+            "scaling": jnp.full((adapters,), 2.0, jnp.float32),
+        })
+    return x, tuple(sets)
+
+
+def kernel_us(blocks: DecodeBlockSizes, x, sets, out_features: int) -> dict[str, float]:
+    def program(x, sets):
+        for p in sets:
+            y = jnp.zeros((x.shape[0], out_features), x.dtype) + x[:, :1]
+            y, _, _, _ = decode_layer(x, p["gate"], y, p["a"], p["b"], p["scaling"], top_k=TOP_K, temperature=1.0,
+                                      blocks=blocks)
+            x = y[:, : x.shape[1]]
+        return x
+
+    compiled = jax.jit(program).lower(x, sets).compile()
+    jax.block_until_ready(compiled(x, sets))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        jax.block_until_ready(compiled(x, sets))
+        jax.profiler.stop_trace()
+        events = device_kernel_events(trace_dir)
+    totals: dict[str, float] = collections.defaultdict(float)
+    for name, _, duration in events:
+        for kernel in KERNELS:
+            if name.startswith(f"meteora_decode_{kernel}"):
+                totals[kernel] += duration / CALLS / 1e3
+    return dict(totals)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    out = args.out or default_result_path("decode_tuning.json")
+    rows = []
+    for tokens, adapters, out_features in CASES:
+        x, sets = weights(tokens, adapters, out_features)
+        for blocks in configs():
+            rows.append({"tokens": tokens, "adapters": adapters, "out_features": out_features,
+                         **dataclasses.asdict(blocks), **kernel_us(blocks, x, sets, out_features)})
+        del sets
+        out.parent.mkdir(parents=True, exist_ok=True)  # after each case, so that a run cut short keeps it
+        report = {**environment(), "calls_per_program": CALLS, "defaults": dataclasses.asdict(DecodeBlockSizes()),
+                  "results": rows}
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    default = dataclasses.asdict(DecodeBlockSizes())
+    print("| T | N | out | kernel | best configuration | us | default us |\n|---:|---:|---:|---|---|---:|---:|")
+    for case in CASES:
+        mine = [r for r in rows if (r["tokens"], r["adapters"], r["out_features"]) == case]
+        for kernel in KERNELS:
+            best = min(mine, key=lambda r: r[kernel])
+            ref = next(r[kernel] for r in mine if all(r[f] == v for f, v in default.items()))
+            config = ", ".join(f"{f}={best[f]}" for f in FIELDS[kernel])
+            print(f"| {case[0]} | {case[1]} | {case[2]} | {kernel} | {config} | {best[kernel]:.2f} | {ref:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The decode-layer Pallas kernels (gate, routing + shrink, expand into the base output) against their reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meteora_jax.lora_mixture import STRATEGIES, gated_output
+from meteora_jax.pallas.decode_layer import DecodeBlockSizes, decode_layer, decode_layer_reference
+
+ON_GPU = jax.default_backend() == "gpu"
+SMALL = DecodeBlockSizes(gate_block_in=16, gate_block_adapters=16, block_in=32, block_out=16)
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+
+# (tokens M, in I, out O, adapters N, rank R, top-k K, temperature): T = 1, dims off the block grid,
+# N = 1 with k = 1 and r = 64, k = 3 of an odd N, r = 12, a sharp and a flat temperature.
+CASES = [(1, 40, 24, 3, 4, 2, 1.0), (16, 100, 50, 5, 4, 2, 15.0), (3, 48, 80, 1, 64, 1, 1.0),
+         (7, 64, 64, 29, 12, 3, 0.5), (16, 32, 48, 28, 8, 2, 30.0)]
+
+
+def rel_error(ours, ref):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def problem(case, dtype, seed):
+    m, i, o, n, r, _, _ = case
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, i)), dtype)
+    gate = jnp.asarray(rng.standard_normal((i, n)) * i**-0.5, jnp.float32)
+    y = jnp.asarray(rng.standard_normal((m, o)), dtype)
+    a = jnp.asarray(rng.standard_normal((n, i, r)) * i**-0.5, dtype)
+    b = jnp.asarray(rng.standard_normal((n, r, o)) * r**-0.5, dtype)
+    scaling = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+    return x, gate, y, a, b, scaling
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES)
+def test_decode_layer_matches_reference_interpreted(case, dtype):
+    args = problem(case, dtype, seed=sum(case[:6]))
+    top_k, temperature = case[5], case[6]
+    out, logits, indices, weights = decode_layer(*args, top_k=top_k, temperature=temperature, blocks=SMALL,
+                                                 interpret=True)
+    x, gate, y, a, b, scaling = args
+    ref_args = (x.astype(jnp.float32), gate, y.astype(jnp.float32), a.astype(jnp.float32), b.astype(jnp.float32),
+                scaling)
+    ref, ref_logits, ref_indices, ref_weights = decode_layer_reference(*ref_args, top_k=top_k,
+                                                                       temperature=temperature)
+    assert out.shape == y.shape and out.dtype == y.dtype
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-6, atol=1e-7)
+    # The delta alone, so that y's own size cannot hide an error in it.
+    assert rel_error(out.astype(jnp.float32) - y.astype(jnp.float32), ref - y.astype(jnp.float32)) < TOLERANCE[dtype]
+
+
+def test_ties_go_to_the_lower_adapter_as_in_route():
+    x, _, y, a, b, scaling = problem((4, 32, 32, 6, 4, 2, 1.0), "float32", seed=1)
+    # One-hot token rows make each token's logits exactly a row of the gate, ties included.
+    x = jnp.eye(4, 32, dtype=jnp.float32)
+    rows = [[1.0, 3.0, 3.0, 0.0, 3.0, 2.0], [0.0] * 6, [5.0, 5.0, 1.0, 1.0, 1.0, 1.0],
+            [-1.0, -2.0, -3.0, -1.0, -4.0, -2.0]]
+    gate = jnp.zeros((32, 6), jnp.float32).at[:4].set(jnp.asarray(rows))
+    _, _, indices, _ = decode_layer(x, gate, y, a, b, scaling, top_k=2, temperature=1.0, blocks=SMALL, interpret=True)
+    _, _, ref_indices, _ = decode_layer_reference(x, gate, y, a, b, scaling, top_k=2, temperature=1.0)
+    np.testing.assert_array_equal(indices, [[1, 2], [0, 1], [0, 1], [0, 3]])
+    np.testing.assert_array_equal(indices, ref_indices)
+
+
+def test_decode_layer_gradients_match_reference():
+    args = problem((5, 40, 30, 4, 8, 2, 2.0), "float32", seed=2)
+    cotangent = jnp.asarray(np.random.default_rng(3).standard_normal((5, 30)), jnp.float32)
+
+    def loss(layer, *args):
+        out, logits, _, weights = layer(*args)
+        return jnp.sum(out * cotangent) + jnp.sum(weights**2) + jnp.sum(jnp.sin(logits))
+
+    def kernels(*args):
+        return decode_layer(*args, top_k=2, temperature=2.0, blocks=SMALL, interpret=True)
+
+    def reference(*args):
+        return decode_layer_reference(*args, top_k=2, temperature=2.0)
+
+    ours = jax.grad(loss, argnums=range(1, 7))(kernels, *args)
+    ref = jax.grad(loss, argnums=range(1, 7))(reference, *args)
+    for name, g, r in zip(("x", "gate", "y", "lora_a", "lora_b", "scaling"), ours, ref):
+        assert rel_error(g, r) < 1e-5, name
+
+
+def test_every_strategy_of_the_gated_layer_agrees_on_few_tokens():
+    x, _, y, a, b, scaling = problem((3, 40, 24, 5, 8, 2, 1.0), "float32", seed=4)
+    gate = jnp.asarray(np.random.default_rng(5).standard_normal((40, 5)), jnp.float32)
+    outputs = {s: gated_output(x, y, gate, a, b, scaling, 2, 3.0, s) for s in STRATEGIES}
+    ref_out, ref_logits, ref_indices = outputs.pop("loop")
+    for strategy, (out, logits, indices) in outputs.items():
+        assert rel_error(out - y, ref_out - y) < 1e-5, strategy
+        np.testing.assert_array_equal(indices, ref_indices, err_msg=strategy)
+        np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, err_msg=strategy)
+
+
+def test_bad_blocks_shapes_and_limits_name_the_culprit():
+    args = problem((4, 32, 32, 3, 4, 2, 1.0), "float32", seed=0)
+    x, gate, y, a, b, scaling = args
+    with pytest.raises(ValueError, match="block_out=24 must be a power of two"):
+        decode_layer(*args, top_k=2, temperature=1.0, blocks=DecodeBlockSizes(block_out=24), interpret=True)
+    with pytest.raises(ValueError, match=r"gate has shape \(32, 2\); expected \(32, 3\)"):
+        decode_layer(x, gate[:, :2], y, a, b, scaling, top_k=2, temperature=1.0, interpret=True)
+    with pytest.raises(ValueError, match=r"y has shape \(4, 31\)"):
+        decode_layer(x, gate, y[:, :31], a, b, scaling, top_k=2, temperature=1.0, interpret=True)
+    with pytest.raises(ValueError, match="top_k=4 must be between 1 and the number of adapters"):
+        decode_layer(*args, top_k=4, temperature=1.0, interpret=True)
+    many = jnp.zeros((65, 32), jnp.float32)
+    with pytest.raises(ValueError, match="tokens=65 is over the decode kernels' limit of 64"):
+        decode_layer(many, gate, jnp.zeros((65, 32)), a, b, scaling, top_k=2, temperature=1.0, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="full-size kernel tests need a GPU")
+@pytest.mark.parametrize("tokens", [1, 16])
+@pytest.mark.parametrize("adapters,out_features", [(28, 4096), (28, 14336), (1024, 4096)])
+def test_decode_layer_full_size_on_gpu(tokens, adapters, out_features):
+    case = (tokens, 4096, out_features, adapters, 8, 2, 1.0)
+    x, gate, y, a, b, scaling = problem(case, "bfloat16", seed=tokens + adapters)
+    out, logits, indices, weights = decode_layer(x, gate, y, a, b, scaling, top_k=2, temperature=1.0)
+    f32 = [v.astype(jnp.float32) for v in (x, y, a, b)]
+    ref, ref_logits, ref_indices, ref_weights = decode_layer_reference(f32[0], gate, f32[1], f32[2], f32[3], scaling,
+                                                                       top_k=2, temperature=1.0)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    # Summation order differs from XLA's: compare the routing where the top-3 logits are not near-ties.
+    top3 = np.sort(np.asarray(ref_logits), axis=-1)[:, -3:]
+    clear = np.min(np.diff(top3, axis=-1), axis=-1) > 1e-4
+    np.testing.assert_array_equal(np.asarray(indices)[clear], np.asarray(ref_indices)[clear])
+    np.testing.assert_allclose(np.asarray(weights)[clear], np.asarray(ref_weights)[clear], rtol=1e-4)
+    assert rel_error(out.astype(jnp.float32) - f32[1], ref - f32[1]) < 1e-2
+
+
+def test_gate_rows_grow_with_the_adapters_until_set():
+    assert DecodeBlockSizes().gate_rows(4096, 28) == 64
+    assert DecodeBlockSizes().gate_rows(4096, 1024) == 512
+    assert DecodeBlockSizes().gate_rows(1000, 4096) == 512
+    assert DecodeBlockSizes(gate_block_in=256).gate_rows(4096, 28) == 256
