@@ -1,12 +1,16 @@
 """Pallas GPU kernels for the low-memory MeteoRA path (see README.md in this folder)."""
 
+from meteora_jax.pallas.decode_layer import DecodeBlockSizes, decode_layer, decode_layer_reference
 from meteora_jax.pallas.lora_gather import GatherBlockSizes, lora_gather, lora_gather_reference
 from meteora_jax.pallas.lora_segment import SegmentBlockSizes, group_by_adapter, lora_segment
 from meteora_jax.pallas.mixture import mixture_pallas
 
 __all__ = [
+    "DecodeBlockSizes",
     "GatherBlockSizes",
     "SegmentBlockSizes",
+    "decode_layer",
+    "decode_layer_reference",
     "group_by_adapter",
     "lora_gather",
     "lora_gather_reference",
