@@ -103,6 +103,7 @@ class Plan:
     prefill_min_tokens: int  # ... and, for prefill, T >= this
     seconds_per_variant: float  # timing budget per variant, compile not counted
     sample_seconds: float  # batch enough back-to-back calls that one sample lasts about this long
+    variants: tuple[str, ...] = VARIANTS
 
 
 def grid(pairs: Sequence[tuple[int, int]], adapters: Sequence[int], tokens: Sequence[int]) -> list[Case]:
@@ -134,6 +135,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="JSON result file")
     parser.add_argument("--adapters", help="comma-separated N: measure only the cases with these adapter counts "
                         "(to split a run; the targets are checked on the cases measured)")
+    parser.add_argument("--tokens", help="comma-separated T: measure only the cases with these token counts")
+    parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (base and lora always run)")
     return parser.parse_args(argv)
 
 
@@ -143,6 +146,7 @@ def environment() -> dict[str, Any]:
         "device": jax.devices()[0].device_kind,
         "jax_backend": jax.default_backend(),
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__},
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "settings": {
             "dtype": "bfloat16", "top_k": TOP_K, "rank": RANK, "input_sets": INPUT_SETS,
             "temp_limit_bytes": TEMP_LIMIT_BYTES,
@@ -286,7 +290,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     temporaries against lora's."""
     by_variant = {row["variant"]: row for row in rows}
     base, lora = by_variant["base"], by_variant["lora"]
-    xla_times = [by_variant[s]["median_ms"] for s in XLA_STRATEGIES if by_variant[s]["status"] == "ok"]
+    xla_times = [by_variant[s]["median_ms"] for s in XLA_STRATEGIES if by_variant.get(s, {}).get("status") == "ok"]
     for row in rows:
         row["time_vs_base"] = ratio(row.get("median_ms"), base.get("median_ms"))
         row["time_vs_best_xla"] = ratio(row.get("median_ms"), min(xla_times, default=None))
@@ -314,7 +318,7 @@ def measure_group(cases: list[Case], plan: Plan, key) -> list[dict[str, Any]]:
             inputs = list(zip(xs, params))
         spread = routing_spread(xs[0], params[0])
         case_rows = []
-        for variant in VARIANTS:
+        for variant in plan.variants:
             row = {**dataclasses.asdict(case), "variant": variant, **measure_variant(variant, inputs, plan)}
             log(f"{case.shape} N={case.adapters} T={case.tokens} {variant}: {row['status']}"
                 + (f" {row['median_ms']:.4g} ms, temp {row['temp_bytes']}" if row["status"] == "ok" else ""))
@@ -388,7 +392,7 @@ def human_bytes(n: int | None) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], plan: Plan) -> str:
-    header = ["in->out", "N", "T", *(f"{v} ms" for v in VARIANTS), "best", "auto picks", "best/lora",
+    header = ["in->out", "N", "T", *(f"{v} ms" for v in plan.variants), "best", "auto picks", "best/lora",
               "temp best/lora"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for case in plan.cases:
@@ -401,7 +405,7 @@ def markdown_table(rows: list[dict[str, Any]], plan: Plan) -> str:
             summary = [best["variant"], auto, fmt_ratio(best["time_vs_lora"]), temp_cell]
         else:
             summary = ["-", auto, "-", "-"]
-        cells = [case.shape, str(case.adapters), str(case.tokens), *(cell(case_rows.get(v)) for v in VARIANTS)]
+        cells = [case.shape, str(case.adapters), str(case.tokens), *(cell(case_rows.get(v)) for v in plan.variants)]
         lines.append("| " + " | ".join(cells + summary) + " |")
     return "\n".join(lines)
 
@@ -418,9 +422,12 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     plan = smoke_plan() if args.smoke else full_plan()
-    if args.adapters:
-        wanted = {int(n) for n in args.adapters.split(",")}
-        plan = dataclasses.replace(plan, cases=tuple(c for c in plan.cases if c.adapters in wanted))
+    for field, wanted in (("adapters", args.adapters), ("tokens", args.tokens)):
+        if wanted:
+            values = {int(v) for v in wanted.split(",")}
+            plan = dataclasses.replace(plan, cases=tuple(c for c in plan.cases if getattr(c, field) in values))
+    if args.variants:
+        plan = dataclasses.replace(plan, variants=("base", "lora", *(v for v in STRATEGIES if v in args.variants)))
     out = args.out or default_result_path("meteora_layer.json")
     report: dict[str, Any] = {**environment(), "smoke": args.smoke, "results": []}
     log(f"{report['device']} ({report['jax_backend']}), jax {jax.__version__}; {len(plan.cases)} shapes -> {out}")
