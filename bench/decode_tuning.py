@@ -16,7 +16,6 @@ import dataclasses
 import itertools
 import json
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,8 +25,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_trace import device_kernel_events  # noqa: E402
 from meteora_layer import RANK, TOP_K, environment  # noqa: E402
+from profile_events import traced_kernel_events  # noqa: E402
 from result_path import default_result_path  # noqa: E402
 
 from meteora_jax.pallas.decode_layer import DecodeBlockSizes, decode_layer  # noqa: E402
@@ -79,11 +78,7 @@ def kernel_us(blocks: DecodeBlockSizes, x, sets, out_features: int) -> dict[str,
 
     compiled = jax.jit(program).lower(x, sets).compile()
     jax.block_until_ready(compiled(x, sets))
-    with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir)
-        jax.block_until_ready(compiled(x, sets))
-        jax.profiler.stop_trace()
-        events = device_kernel_events(trace_dir)
+    events = traced_kernel_events(lambda: jax.block_until_ready(compiled(x, sets)))
     totals: dict[str, float] = collections.defaultdict(float)
     for name, _, duration in events:
         for kernel in KERNELS:

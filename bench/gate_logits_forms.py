@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,8 +20,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_trace import device_kernel_events  # noqa: E402
 from meteora_layer import environment  # noqa: E402
+from profile_events import traced_kernel_events  # noqa: E402
 from result_path import default_result_path  # noqa: E402
 
 CALLS = 32
@@ -57,11 +56,7 @@ def busy_us_per_call(form: Callable, tokens: int, adapters: int) -> float:
 
     compiled = jax.jit(program).lower(x, gates).compile()
     jax.block_until_ready(compiled(x, gates))
-    with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir)
-        jax.block_until_ready(compiled(x, gates))
-        jax.profiler.stop_trace()
-        events = device_kernel_events(trace_dir)
+    events = traced_kernel_events(lambda: jax.block_until_ready(compiled(x, gates)))
     return sum(d for _, _, d in events) / CALLS / 1e3
 
 

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from meteora_layer import LAYERS, LAYERS_PER_PROGRAM, Case, environment, make_params, normal, repeated  # noqa: E402
+from profile_events import traced_kernel_events  # noqa: E402
 from result_path import default_result_path  # noqa: E402
 
 DEFAULT_CASES = "4096x4096x28x1,4096x4096x28x16,4096x4096x1024x16"
@@ -48,22 +47,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def device_kernel_events(trace_dir: str) -> list[tuple[str, float, float]]:
-    """(name, start ns, duration ns) of every event on a GPU plane's stream lines."""
-    from jax._src.profiler import ProfileData  # jax's reader of the profiler's XSpace protobuf
-
-    events = []
-    for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
-        for plane in ProfileData.from_file(path).planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            for line in plane.lines:
-                if "stream" not in line.name.lower():
-                    continue
-                events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
-    return events
-
-
 def trace_variant(variant: str, case: Case, hlo_dir: Path | None) -> dict[str, Any]:
     key = jax.random.key(0)
     params = tuple(make_params(case, k) for k in jax.random.split(key, LAYERS_PER_PROGRAM))
@@ -74,11 +57,7 @@ def trace_variant(variant: str, case: Case, hlo_dir: Path | None) -> dict[str, A
         name = f"{case.in_features}x{case.out_features}x{case.adapters}x{case.tokens}_{variant}.hlo.txt"
         (hlo_dir / name).write_text(compiled.as_text())
     jax.block_until_ready(compiled(x, params))
-    with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir)
-        jax.block_until_ready(compiled(x, params))
-        jax.profiler.stop_trace()
-        events = device_kernel_events(trace_dir)
+    events = traced_kernel_events(lambda: jax.block_until_ready(compiled(x, params)))
     if not events:
         return {"variant": variant, "status": "no GPU kernel events in the trace"}
     by_name: dict[str, list[float]] = collections.defaultdict(list)
