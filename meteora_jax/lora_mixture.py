@@ -92,11 +92,11 @@ def mixture_dense(x, lora_a, lora_b, scaling, indices, weights):
     return _mix_all_adapters(h, lora_b, scaling, indices, weights, x.dtype)
 
 
-def _mix_all_adapters(h, lora_b, scaling, indices, weights, dtype):
+def _mix_all_adapters(h, lora_b, scaling, indices, weights, dtype, out_dtype=jnp.float32):
     """dense's second half: every adapter's x A [M, N, R] scaled by its sparse coefficient, then @ B."""
     coef = coefficients(indices, weights, lora_b.shape[0]) * scaling  # [M, N]
     h = (h * coef[:, :, None]).astype(dtype)
-    return jnp.einsum("MNR,NRO->MO", h, lora_b, preferred_element_type=jnp.float32)
+    return jnp.einsum("MNR,NRO->MO", h, lora_b, preferred_element_type=out_dtype)
 
 
 def mixture_grouped(x, lora_a, lora_b, scaling, indices, weights):
@@ -114,12 +114,12 @@ def mixture_grouped(x, lora_a, lora_b, scaling, indices, weights):
     return jax.ops.segment_sum(out, token_of_pair, num_segments=m)
 
 
-def dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k: int, temperature):
+def dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k: int, temperature, out_dtype=jnp.float32):
     """The whole `dense` layer delta with the gate matmul folded into x @ A, so x is read once.
 
     The float32 gate is split into bfloat16 high and low parts (gate = hi + lo to ~16 mantissa bits)
     that ride in the same low-precision matmul as A, with float32 accumulation. Returns (delta [M, O]
-    float32, gate logits [M, N] float32, indices [M, K]). For bf16/f16 x; float32 x gains nothing.
+    in out_dtype, gate logits [M, N] float32, indices [M, K]). For bf16/f16 x; float32 x gains nothing.
     """
     m, i = x.shape
     n, _, r = lora_a.shape
@@ -130,7 +130,8 @@ def dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k: int, temperature):
     logits = both[:, n * r : n * r + n] + both[:, n * r + n :]
     indices, mix = route(logits, top_k, temperature)
     h = both[:, : n * r].reshape(m, n, r)
-    return _mix_all_adapters(h, lora_b, scaling.astype(jnp.float32), indices, mix, x.dtype), logits, indices
+    delta = _mix_all_adapters(h, lora_b, scaling.astype(jnp.float32), indices, mix, x.dtype, out_dtype)
+    return delta, logits, indices
 
 
 def compute_gate_logits(x, gate) -> jax.Array:
@@ -152,8 +153,10 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
     if strategy == "auto":
         strategy = pick_strategy(lora_a.shape[0], lora_a.shape[-1], x.shape[0])
     if strategy == "dense" and jnp.dtype(x.dtype).itemsize == 2:
-        delta, logits, indices = dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k, temperature)
-        return y + delta.astype(y.dtype), logits, indices
+        # The delta in y's dtype straight from the matmul: y + delta then becomes the matmul's epilogue
+        # (cuBLAS's C operand) instead of a separate pass over [M, O] (bench/NOTES.md).
+        delta, logits, indices = dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k, temperature, y.dtype)
+        return y + delta, logits, indices
     if strategy == "pallas" and x.shape[0] <= PALLAS_DECODE_MAX_TOKENS:
         from meteora_jax.pallas.decode_layer import decode_layer  # Pallas imports stay off the default path
 
