@@ -76,10 +76,28 @@ def layer_section(runs: list[dict], title: str, method: str) -> list[str]:
                      f"{case[best]['median_ms'] / lora['median_ms']:.2f}x | "
                      f"{case[best]['temp_bytes'] / lora['temp_bytes']:.2f}x |")
     lines.append("")
+    lines += kernel_time_table(rows, variants, strategies)
     for target in (t for run in runs for t in run.get("targets", [])):
         verdict = "holds" if target["holds"] else "MISSED"
         ratio = "n/a" if target["ratio"] is None else f"{target['ratio']:.2f}x"
         lines.append(f"- {target['target']}: {target['strategy']} at {ratio} (limit {target['limit']:.2f}x): {verdict}")
+    return lines + [""]
+
+
+def kernel_time_table(rows: dict[tuple, dict], variants: list[str], strategies: list[str]) -> list[str]:
+    """Few-token cases: the profiler's kernel time per call (device busy time), where the run recorded it."""
+    timed = {key: case for key, case in rows.items() if case.get("lora", {}).get("kernel_ms")}
+    if not timed:
+        return []
+    lines = ["Device (kernel) time per call of the few-token cases, us, from the profiler (wall time above also "
+             "counts the launch gaps between kernels):\n",
+             "| in->out | N | T | " + " | ".join(f"{v} us" for v in variants) + " | best | best / lora |",
+             "|---|---:|---:|" + "---:|" * len(variants) + "---|---:|"]
+    for (i, o, n, t), case in timed.items():
+        cells = [f"{case[v]['kernel_ms'] * 1e3:.1f}" if case.get(v, {}).get("kernel_ms") else "-" for v in variants]
+        best = min((s for s in strategies if case.get(s, {}).get("kernel_ms")), key=lambda s: case[s]["kernel_ms"])
+        lines.append(f"| {i}->{o} | {n} | {t} | " + " | ".join(cells) + f" | {best} | "
+                     f"{case[best]['kernel_ms'] / case['lora']['kernel_ms']:.2f}x |")
     return lines + [""]
 
 
