@@ -19,8 +19,10 @@ STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas", "auto")
 DENSE_MAX_TOTAL_RANK = 512
 # Up to this k the routing uses k argmax rounds instead of lax.top_k.
 ARGMAX_TOP_K = 4
-# Up to this many tokens `pallas` runs the whole routed layer in its decode kernels.
+# Up to this many tokens `pallas` runs the whole routed layer in its decode kernels, for up to this many
+# adapters (measured up to 1024; a kernel program holds a token's N logits in one warp's registers).
 PALLAS_DECODE_MAX_TOKENS = 16
+PALLAS_DECODE_MAX_ADAPTERS = 1024
 # The gate matmul pads fewer tokens to this many rows (see compute_gate_logits).
 GATE_MIN_ROWS = 8
 
@@ -157,7 +159,7 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
         # (cuBLAS's C operand) instead of a separate pass over [M, O] (bench/NOTES.md).
         delta, logits, indices = dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k, temperature, y.dtype)
         return y + delta, logits, indices
-    if strategy == "pallas" and x.shape[0] <= PALLAS_DECODE_MAX_TOKENS:
+    if strategy == "pallas" and _fits_decode_kernels(x.shape[0], lora_a.shape[0]):
         from meteora_jax.pallas.decode_layer import decode_layer  # Pallas imports stay off the default path
 
         y, logits, indices, _ = decode_layer(x, gate, y, lora_a, lora_b, scaling, top_k=top_k,
@@ -169,6 +171,10 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
     return y + delta.astype(y.dtype), logits, indices
 
 
+def _fits_decode_kernels(tokens: int, num_adapters: int) -> bool:
+    return 0 < tokens <= PALLAS_DECODE_MAX_TOKENS and num_adapters <= PALLAS_DECODE_MAX_ADAPTERS
+
+
 def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None) -> str:
     """The `auto` choice, from the crossovers measured on an H100 (bench/NOTES.md).
 
@@ -177,7 +183,7 @@ def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None) -> st
     the Pallas decode kernels, except where dense measured faster (several tokens and a small N * r).
     """
     small = num_adapters * rank <= DENSE_MAX_TOTAL_RANK
-    decode = tokens is not None and tokens <= PALLAS_DECODE_MAX_TOKENS and jax.default_backend() == "gpu"
+    decode = tokens is not None and _fits_decode_kernels(tokens, num_adapters) and jax.default_backend() == "gpu"
     if decode and (tokens == 1 or not small):
         return "pallas"
     return "dense" if small else "bmm"

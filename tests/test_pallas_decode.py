@@ -114,6 +114,9 @@ def test_bad_blocks_shapes_and_limits_name_the_culprit():
         decode_layer(x, gate, y[:, :31], a, b, scaling, top_k=2, temperature=1.0, interpret=True)
     with pytest.raises(ValueError, match="top_k=4 must be between 1 and the number of adapters"):
         decode_layer(*args, top_k=4, temperature=1.0, interpret=True)
+    crowd = problem((2, 32, 32, 1025, 4, 2, 1.0), "float32", seed=0)
+    with pytest.raises(ValueError, match="adapters=1025 is over the decode kernels' limit of 1024"):
+        decode_layer(*crowd, top_k=2, temperature=1.0, interpret=True)
     many = jnp.zeros((65, 32), jnp.float32)
     with pytest.raises(ValueError, match="tokens=65 is over the decode kernels' limit of 64"):
         decode_layer(many, gate, jnp.zeros((65, 32)), a, b, scaling, top_k=2, temperature=1.0, interpret=True)
@@ -142,5 +145,14 @@ def test_decode_layer_full_size_on_gpu(tokens, adapters, out_features):
 def test_gate_rows_grow_with_the_adapters_until_set():
     assert DecodeBlockSizes().gate_rows(4096, 28) == 64
     assert DecodeBlockSizes().gate_rows(4096, 1024) == 512
-    assert DecodeBlockSizes().gate_rows(1000, 4096) == 512
+    assert DecodeBlockSizes().gate_rows(1000, 1024) == 128
     assert DecodeBlockSizes(gate_block_in=256).gate_rows(4096, 28) == 256
+
+
+def test_pallas_strategy_beyond_the_decode_kernels_limit_uses_the_mixture_kernels():
+    x, _, y, a, b, scaling = problem((2, 16, 8, 1025, 4, 2, 1.0), "float32", seed=6)
+    gate = jnp.asarray(np.random.default_rng(7).standard_normal((16, 1025)), jnp.float32)
+    out, _, indices = gated_output(x, y, gate, a, b, scaling, 2, 1.0, "pallas")
+    ref, _, ref_indices = gated_output(x, y, gate, a, b, scaling, 2, 1.0, "loop")
+    np.testing.assert_array_equal(indices, ref_indices)
+    assert rel_error(out - y, ref - y) < 1e-5

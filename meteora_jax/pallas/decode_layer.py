@@ -28,12 +28,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from meteora_jax.lora_mixture import route
+from meteora_jax.lora_mixture import PALLAS_DECODE_MAX_ADAPTERS, route
 from meteora_jax.pallas.lora_gather import lora_gather_reference
 
 # A program holds one token's gate logits in registers; the grids grow with tokens, so keep them few.
 MAX_TOKENS = 64
-MAX_ADAPTERS = 4096
+MAX_ADAPTERS = PALLAS_DECODE_MAX_ADAPTERS
 MAX_RANK = 128
 MAX_GATE_SHARES = 8192
 
