@@ -112,6 +112,14 @@ def test_generate_with_routing(rng):
         generate(model, params, prompts, max_new_tokens=2, routing=Routing(assignment=jnp.zeros((2, 5), int)))
 
 
+def test_generate_through_the_pallas_decode_kernels_matches_loop(rng):
+    _, model, params = meteora_model()
+    prompts = [rng.integers(3, 97, 5).tolist(), rng.integers(3, 97, 3).tolist()]
+    tokens = {s: generate(model, params, prompts, max_new_tokens=5, routing=Routing(strategy=s, top_k=2)).tokens
+              for s in ("loop", "pallas")}
+    assert tokens["pallas"] == tokens["loop"]
+
+
 def test_bad_routing_settings():
     _, model, params = meteora_model()
     with pytest.raises(ValueError, match="force_adapter=9 is not an adapter index"):
