@@ -96,7 +96,7 @@ def _gate_kernel(x_ref, gate_ref, shares_ref, *, tokens, in_features, num_adapte
     gate = plt.load(gate_ref.at[pl.ds(start, gate_rows), pl.ds(first, blocks.gate_block_adapters)],
                     mask=(rows[:, None] < in_features) & (cols[None, :] < num_adapters), other=0)
     # Float32 products from bfloat16 tensor-core dots of the parts, dropping the terms below float32
-    # rounding; a float32 Triton dot runs as FMA code, which was 10-50x slower here.
+    # rounding; float32 Triton dots (FMA code, or three TF32 passes) were 20-70x slower here.
     share = jnp.zeros((token_rows.shape[0], blocks.gate_block_adapters), jnp.float32)
     for i, x_part in enumerate(_bf16_parts(x)):
         for j, gate_part in enumerate(_bf16_parts(gate)):
@@ -153,13 +153,6 @@ def _expand_add_tile(b_ref, y_ref, out_ref, m, start, chosen, scaled_hs, *, out_
               mask=cols < out_features)
 
 
-def _store_routing(idx_ref, weight_ref, m, chosen, weights):
-    for j, (adapter, weight) in enumerate(zip(chosen, weights)):
-        slot = jnp.int32(j)  # interpret mode stores only through array indices
-        idx_ref[m, slot] = adapter
-        weight_ref[m, slot] = weight
-
-
 def _route_shrink_kernel(shares_ref, scaling_ref, x_ref, a_ref, logits_ref, idx_ref, weight_ref, coef_ref, h_ref, *,
                          top_k, temperature, num_adapters, in_features, rank, blocks: DecodeBlockSizes):
     m, split = pl.program_id(0), pl.program_id(1)
@@ -173,9 +166,11 @@ def _route_shrink_kernel(shares_ref, scaling_ref, x_ref, a_ref, logits_ref, idx_
     @pl.when(split == 0)
     def _():
         plt.store(logits_ref.at[m, pl.ds(0, logits.shape[0])], logits, mask=jnp.arange(logits.shape[0]) < num_adapters)
-        _store_routing(idx_ref, weight_ref, m, chosen, weights)
         for j, (adapter, weight) in enumerate(zip(chosen, weights)):
-            coef_ref[m, jnp.int32(j)] = weight * scaling_ref[adapter]
+            slot = jnp.int32(j)  # interpret mode stores only through array indices
+            idx_ref[m, slot] = adapter
+            weight_ref[m, slot] = weight
+            coef_ref[m, slot] = weight * scaling_ref[adapter]
 
 
 def _expand_add_kernel(idx_ref, coef_ref, h_ref, b_ref, y_ref, out_ref, *, top_k, out_features, rank,
