@@ -6,13 +6,14 @@ Every shape is bf16 with top-k 2 and rank 8: in -> out features, N adapters, T t
     loop, bmm, dense,          the full MeteoRA layer as MeteoraDense runs it (lora_mixture.gated_output):
     grouped, pallas            x @ W, the float32 gate logits, the top-k routing and the mixture
 A variant's time is the median over samples; one sample is R calls dispatched back to back (rotating over
-3 input sets) and waited on once, divided by R. Cases of <= 256 tokens run as one program of 32 layer
-calls, each with its own weights (as the layers of a model's decode step: weights come from device memory,
-not L2) and each fed by the last, with no host dispatch between them; for these the profiler's kernel
-time per call (the device's busy time, without the launch gaps between kernels that dominate the wall
-time of a few-token layer) is recorded too. Temporary memory is the compiled executable's
-temp_size_in_bytes. Variants whose compiled temporaries exceed 60 GB are skipped; out-of-memory at run
-time is recorded as "oom".
+3 input sets) and waited on once, divided by R (the JSON's samples_ms are these, per program call). Cases
+of <= 256 tokens run as one program of 32 layer calls, each with its own weights (as the layers of a
+model's decode step: weights come from device memory, not L2) and each fed by the last, with no host
+dispatch between them; their median_ms is divided down to one layer call, their samples_ms are not. For
+these the profiler's kernel time per call (the device's busy time, without the launch gaps between
+kernels that dominate the wall time of a few-token layer) is recorded too. Temporary memory is the
+compiled executable's temp_size_in_bytes. Variants whose compiled temporaries exceed 60 GB are skipped;
+out-of-memory at run time is recorded as "oom".
 
 Usage (GPU, about 5 minutes):
     python bench/meteora_layer.py [--out FILE]
@@ -457,7 +458,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             values = {int(v) for v in wanted.split(",")}
             plan = dataclasses.replace(plan, cases=tuple(c for c in plan.cases if getattr(c, field) in values))
     if args.variants:
-        plan = dataclasses.replace(plan, variants=("base", "lora", *(v for v in STRATEGIES if v in args.variants)))
+        wanted = args.variants.split(",")
+        unknown = set(wanted) - set(STRATEGIES)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {','.join(STRATEGIES)}")
+        plan = dataclasses.replace(plan, variants=("base", "lora", *(v for v in STRATEGIES if v in wanted)))
     out = args.out or default_result_path("meteora_layer.json")
     report: dict[str, Any] = {**environment(), "smoke": args.smoke, "results": []}
     log(f"{report['device']} ({report['jax_backend']}), jax {jax.__version__}; {len(plan.cases)} shapes -> {out}")

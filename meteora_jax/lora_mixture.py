@@ -20,9 +20,10 @@ DENSE_MAX_TOTAL_RANK = 512
 # Up to this k the routing uses k argmax rounds instead of lax.top_k.
 ARGMAX_TOP_K = 4
 # Up to this many tokens `pallas` runs the whole routed layer in its decode kernels, for up to this many
-# adapters (measured up to 1024; a kernel program holds a token's N logits in one warp's registers).
+# adapters and this rank (measured up to 1024 adapters; a program holds a token's N logits in one warp).
 PALLAS_DECODE_MAX_TOKENS = 16
 PALLAS_DECODE_MAX_ADAPTERS = 1024
+PALLAS_MAX_RANK = 128
 # The gate matmul pads fewer tokens to this many rows (see compute_gate_logits).
 GATE_MIN_ROWS = 8
 
@@ -152,6 +153,8 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
     x [M, I], y [M, O] the base output. Each strategy takes its fastest whole-layer form: bf16 `dense`
     folds the gate into x @ A; `pallas` on few tokens runs gate, routing and mixture in its decode kernels.
     """
+    if x.shape[0] == 0:
+        return y, jnp.zeros((0, lora_a.shape[0]), jnp.float32), jnp.zeros((0, top_k), jnp.int32)
     if strategy == "auto":
         strategy = pick_strategy(lora_a.shape[0], lora_a.shape[-1], x.shape[0])
     if strategy == "dense" and jnp.dtype(x.dtype).itemsize == 2:
@@ -159,7 +162,7 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
         # (cuBLAS's C operand) instead of a separate pass over [M, O] (bench/NOTES.md).
         delta, logits, indices = dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k, temperature, y.dtype)
         return y + delta, logits, indices
-    if strategy == "pallas" and _fits_decode_kernels(x.shape[0], lora_a.shape[0]):
+    if strategy == "pallas" and _fits_decode_kernels(x.shape[0], lora_a.shape[0], lora_a.shape[-1]):
         from meteora_jax.pallas.decode_layer import decode_layer  # Pallas imports stay off the default path
 
         y, logits, indices, _ = decode_layer(x, gate, y, lora_a, lora_b, scaling, top_k=top_k,
@@ -171,22 +174,21 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
     return y + delta.astype(y.dtype), logits, indices
 
 
-def _fits_decode_kernels(tokens: int, num_adapters: int) -> bool:
-    return 0 < tokens <= PALLAS_DECODE_MAX_TOKENS and num_adapters <= PALLAS_DECODE_MAX_ADAPTERS
+def _fits_decode_kernels(tokens: int, num_adapters: int, rank: int) -> bool:
+    fits = num_adapters <= PALLAS_DECODE_MAX_ADAPTERS and rank <= PALLAS_MAX_RANK
+    return 0 < tokens <= PALLAS_DECODE_MAX_TOKENS and fits
 
 
 def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None) -> str:
     """The `auto` choice, from the crossovers measured on an H100 (bench/NOTES.md).
 
     Mixtures alone (`tokens` None, e.g. forced routing): dense while N * r <= DENSE_MAX_TOTAL_RANK,
-    else bmm. The gated layer (`tokens` given) on a GPU with at most PALLAS_DECODE_MAX_TOKENS tokens:
-    the Pallas decode kernels, except where dense measured faster (several tokens and a small N * r).
+    else bmm. The gated layer (`tokens` given) on a GPU, within the decode kernels' limits: the Pallas
+    decode kernels, which took the least device (kernel) time at 1 and 16 tokens for every N measured.
     """
-    small = num_adapters * rank <= DENSE_MAX_TOTAL_RANK
-    decode = tokens is not None and _fits_decode_kernels(tokens, num_adapters) and jax.default_backend() == "gpu"
-    if decode and (tokens == 1 or not small):
+    if tokens is not None and _fits_decode_kernels(tokens, num_adapters, rank) and jax.default_backend() == "gpu":
         return "pallas"
-    return "dense" if small else "bmm"
+    return "dense" if num_adapters * rank <= DENSE_MAX_TOTAL_RANK else "bmm"
 
 
 def mixture_pallas(x, lora_a, lora_b, scaling, indices, weights):

@@ -62,11 +62,12 @@ class MeteoraDense(nn.Module):
         flat = x.reshape(-1, in_features).astype(self.dtype)
         lora_a, lora_b = bank["lora_a"].astype(self.dtype), bank["lora_b"].astype(self.dtype)
         strategy = routing.strategy or cfg.strategy
-        top_k = routing.top_k or cfg.top_k
         if routing.force_adapter is None and routing.assignment is None:
+            # The temperature is a static Python float (Routing keeps it out of the traced values), as the
+            # `pallas` decode kernels need.
             out, gate_logits, indices = gated_output(
-                flat, y.reshape(-1, self.features), bank["gate"], lora_a, lora_b, bank["scaling"], top_k,
-                routing.temperature or cfg.temperature, strategy,
+                flat, y.reshape(-1, self.features), bank["gate"], lora_a, lora_b, bank["scaling"],
+                routing.top_k or cfg.top_k, routing.temperature or cfg.temperature, strategy,
             )
         else:
             gate_logits = compute_gate_logits(flat, bank["gate"])

@@ -13,9 +13,10 @@ SMALL = DecodeBlockSizes(gate_block_in=16, gate_block_adapters=16, block_in=32, 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 
 # (tokens M, in I, out O, adapters N, rank R, top-k K, temperature): T = 1, dims off the block grid,
-# N = 1 with k = 1 and r = 64, k = 3 of an odd N, r = 12, a sharp and a flat temperature.
+# N = 1 with k = 1 and r = 64, k = 3 of an odd N, r = 12, a sharp and a flat temperature, and five
+# shrink splits (not a power of two) with k = 6 (the reference then routes with lax.top_k).
 CASES = [(1, 40, 24, 3, 4, 2, 1.0), (16, 100, 50, 5, 4, 2, 15.0), (3, 48, 80, 1, 64, 1, 1.0),
-         (7, 64, 64, 29, 12, 3, 0.5), (16, 32, 48, 28, 8, 2, 30.0)]
+         (7, 64, 64, 29, 12, 3, 0.5), (16, 32, 48, 28, 8, 2, 30.0), (2, 160, 40, 9, 8, 6, 2.0)]
 
 
 def rel_error(ours, ref):
@@ -65,6 +66,10 @@ def test_ties_go_to_the_lower_adapter_as_in_route():
     _, _, indices, _ = decode_layer(x, gate, y, a, b, scaling, top_k=2, temperature=1.0, blocks=SMALL, interpret=True)
     _, _, ref_indices, _ = decode_layer_reference(x, gate, y, a, b, scaling, top_k=2, temperature=1.0)
     np.testing.assert_array_equal(indices, [[1, 2], [0, 1], [0, 1], [0, 3]])
+    np.testing.assert_array_equal(indices, ref_indices)
+    # k = 5 sends the reference through lax.top_k rather than argmax rounds: the same ties.
+    _, _, indices, _ = decode_layer(x, gate, y, a, b, scaling, top_k=5, temperature=1.0, blocks=SMALL, interpret=True)
+    _, _, ref_indices, _ = decode_layer_reference(x, gate, y, a, b, scaling, top_k=5, temperature=1.0)
     np.testing.assert_array_equal(indices, ref_indices)
 
 
@@ -117,9 +122,11 @@ def test_bad_blocks_shapes_and_limits_name_the_culprit():
     crowd = problem((2, 32, 32, 1025, 4, 2, 1.0), "float32", seed=0)
     with pytest.raises(ValueError, match="adapters=1025 is over the decode kernels' limit of 1024"):
         decode_layer(*crowd, top_k=2, temperature=1.0, interpret=True)
-    many = jnp.zeros((65, 32), jnp.float32)
-    with pytest.raises(ValueError, match="tokens=65 is over the decode kernels' limit of 64"):
-        decode_layer(many, gate, jnp.zeros((65, 32)), a, b, scaling, top_k=2, temperature=1.0, interpret=True)
+    many = jnp.zeros((17, 32), jnp.float32)
+    with pytest.raises(ValueError, match="tokens=17 is over the decode kernels' limit of 16"):
+        decode_layer(many, gate, jnp.zeros((17, 32)), a, b, scaling, top_k=2, temperature=1.0, interpret=True)
+    with pytest.raises(ValueError, match="x has no tokens"):
+        decode_layer(x[:0], gate, y[:0], a, b, scaling, top_k=2, temperature=1.0, interpret=True)
 
 
 @pytest.mark.gpu
@@ -142,10 +149,12 @@ def test_decode_layer_full_size_on_gpu(tokens, adapters, out_features):
     assert rel_error(out.astype(jnp.float32) - f32[1], ref - f32[1]) < 1e-2
 
 
-def test_gate_rows_grow_with_the_adapters_until_set():
+def test_gate_rows_grow_with_the_adapters_and_inputs_until_set():
     assert DecodeBlockSizes().gate_rows(4096, 28) == 64
     assert DecodeBlockSizes().gate_rows(4096, 1024) == 512
     assert DecodeBlockSizes().gate_rows(1000, 1024) == 128
+    assert DecodeBlockSizes().gate_rows(14336, 28) == 256  # at most 64 shares per token
+    assert DecodeBlockSizes().gate_rows(14336, 1024) == 512  # never past the largest measured tile
     assert DecodeBlockSizes(gate_block_in=256).gate_rows(4096, 28) == 256
 
 
@@ -156,3 +165,16 @@ def test_pallas_strategy_beyond_the_decode_kernels_limit_uses_the_mixture_kernel
     ref, _, ref_indices = gated_output(x, y, gate, a, b, scaling, 2, 1.0, "loop")
     np.testing.assert_array_equal(indices, ref_indices)
     assert rel_error(out - y, ref - y) < 1e-5
+
+
+def test_gated_layer_on_no_tokens_and_auto_past_the_kernels_limits(monkeypatch):
+    from meteora_jax import lora_mixture
+
+    x, gate, y, a, b, scaling = problem((1, 16, 8, 3, 4, 2, 1.0), "float32", seed=8)
+    out, logits, indices = gated_output(x[:0], y[:0], gate, a, b, scaling, 2, 1.0, "pallas")
+    assert out.shape == (0, 8) and logits.shape == (0, 3) and indices.shape == (0, 2)
+    monkeypatch.setattr(lora_mixture.jax, "default_backend", lambda: "gpu")
+    assert lora_mixture.pick_strategy(28, 8, 16) == "pallas"
+    assert lora_mixture.pick_strategy(28, 8, 17) == "dense"
+    assert lora_mixture.pick_strategy(28, 256, 4) == "bmm"  # rank past the kernels' 128
+    assert lora_mixture.pick_strategy(2048, 8, 1) == "bmm"  # adapters past the kernels' 1024

@@ -28,14 +28,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from meteora_jax.lora_mixture import PALLAS_DECODE_MAX_ADAPTERS, route
+from meteora_jax.lora_mixture import PALLAS_DECODE_MAX_ADAPTERS, PALLAS_DECODE_MAX_TOKENS, PALLAS_MAX_RANK, route
 from meteora_jax.pallas.lora_gather import lora_gather_reference
 
-# A program holds one token's gate logits in registers; the grids grow with tokens, so keep them few.
-MAX_TOKENS = 64
+# The measured range (bench/NOTES.md): the grids grow with tokens, and a program holds a token's logits.
+MAX_TOKENS = PALLAS_DECODE_MAX_TOKENS
 MAX_ADAPTERS = PALLAS_DECODE_MAX_ADAPTERS
-MAX_RANK = 128
+MAX_RANK = PALLAS_MAX_RANK
+# Gate tiles: at most this many logit shares per token for route_shrink to sum, and at most this many
+# rows per gate program (the largest measured).
 MAX_GATE_SHARES = 8192
+MAX_GATE_SPLITS = 64
+MAX_GATE_ROWS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +66,17 @@ class DecodeBlockSizes:
                 raise ValueError(f"{name}={value} must be a power of two >= 16")
 
     def gate_rows(self, in_features: int, num_adapters: int) -> int:
-        """gate_block_in, or by default the fewest rows (>= 64) for which every token's logit shares fit
-        MAX_GATE_SHARES floats: small tiles spread a few adapters' gate over many programs, but each
-        route_shrink program sums all of its token's shares (measured: 64 rows best at N = 28, 512 at 1024)."""
+        """gate_block_in, or by default the fewest rows (>= 64, <= MAX_GATE_ROWS) that leave at most
+        MAX_GATE_SPLITS shares of at most MAX_GATE_SHARES floats per token: small tiles spread a few
+        adapters' gate over many programs, but each route_shrink program sums all of its token's shares
+        (measured: 64 rows best at N = 28, 512 at 1024, with 4096 input features)."""
         if self.gate_block_in is not None:
             return self.gate_block_in
         rows = 64
-        while pl.cdiv(in_features, rows) * pl.next_power_of_2(num_adapters) > MAX_GATE_SHARES and rows < in_features:
+        while rows < min(MAX_GATE_ROWS, in_features):
+            splits = pl.cdiv(in_features, rows)
+            if splits <= MAX_GATE_SPLITS and splits * pl.next_power_of_2(num_adapters) <= MAX_GATE_SHARES:
+                break
             rows *= 2
         return rows
 
@@ -244,7 +252,8 @@ def _forward(x, gate, y, lora_a, lora_b, scaling, top_k, temperature, blocks, in
 
 
 def _backward(top_k, temperature, blocks, interpret, residuals, cotangents):
-    # Few-token calls are inference; a gradient through them (rare) goes through the reference's VJP.
+    # Few-token calls are inference; a gradient through them (rare) goes through the reference's VJP,
+    # which routes on its own float32 logits: at an exact near-tie it may follow the other adapter.
     del blocks, interpret
     g_y, g_logits, _, g_weights = cotangents
 
@@ -303,3 +312,5 @@ def _check_shapes(x, gate, y, lora_a, lora_b, scaling, top_k):
     for name, (value, limit) in limits.items():
         if value > limit:
             raise ValueError(f"{name}={value} is over the decode kernels' limit of {limit}")
+    if tokens == 0:
+        raise ValueError("x has no tokens; the decode kernels need at least one")
