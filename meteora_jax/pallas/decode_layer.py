@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from meteora_jax.lora_mixture import PALLAS_DECODE_MAX_ADAPTERS, PALLAS_DECODE_MAX_TOKENS, PALLAS_MAX_RANK, route
+from meteora_jax.pallas.block_sizes import check_powers_of_two
 from meteora_jax.pallas.lora_gather import lora_gather_reference
 
 # The measured range (bench/NOTES.md): the grids grow with tokens, and a program holds a token's logits.
@@ -60,10 +61,7 @@ class DecodeBlockSizes:
     num_warps: int = 1
 
     def check(self) -> None:
-        for name in ("gate_block_in", "gate_block_adapters", "block_in", "block_out"):
-            value = getattr(self, name)
-            if value is not None and (value < 16 or value & (value - 1)):
-                raise ValueError(f"{name}={value} must be a power of two >= 16")
+        check_powers_of_two(self, ("gate_block_in", "gate_block_adapters", "block_in", "block_out"))
 
     def gate_rows(self, in_features: int, num_adapters: int) -> int:
         """gate_block_in, or by default the fewest rows (>= 64, <= MAX_GATE_ROWS) that leave at most

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from meteora_jax.pallas.block_sizes import check_powers_of_two
+
 
 @dataclasses.dataclass(frozen=True)
 class GatherBlockSizes:
@@ -25,10 +27,7 @@ class GatherBlockSizes:
     num_warps: int = 4
 
     def check(self) -> None:
-        for name in ("block_in", "block_out"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{name}={value} must be a power of two >= 16")
+        check_powers_of_two(self, ("block_in", "block_out"))
 
 
 def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, out_ref, *, top_k, in_features, out_features, rank,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from meteora_jax.pallas.block_sizes import check_powers_of_two
 from meteora_jax.pallas.lora_gather import _check_shapes
 
 
@@ -35,10 +36,7 @@ class SegmentBlockSizes:
     num_stages: int = 2
 
     def check(self) -> None:
-        for name in ("block_tokens", "block_in", "block_out"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{name}={value} must be a power of two >= 16")
+        check_powers_of_two(self, ("block_tokens", "block_in", "block_out"))
 
 
 def group_by_adapter(adapter_ids: jax.Array, coef: jax.Array, num_adapters: int, block: int):

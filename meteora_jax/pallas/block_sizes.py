@@ -1,0 +1,11 @@
+"""The shape rule every Pallas kernel's block sizes share."""
+
+from __future__ import annotations
+
+
+def check_powers_of_two(blocks, names: tuple[str, ...]) -> None:
+    """Each named field of `blocks` must be a power of two >= 16 (Triton's tile rule); None means automatic."""
+    for name in names:
+        value = getattr(blocks, name)
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError(f"{name}={value} must be a power of two >= 16")
