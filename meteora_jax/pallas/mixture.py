@@ -13,15 +13,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from meteora_jax.lora_mixture import PALLAS_DECODE_MAX_TOKENS
 from meteora_jax.pallas.lora_gather import GatherBlockSizes, lora_gather, lora_gather_reference
 from meteora_jax.pallas.lora_segment import SegmentBlockSizes, lora_segment
 
-# Up to this many tokens the per-token gather kernel beats grouping tokens by adapter.
-DECODE_MAX_TOKENS = 16
-
 
 def _kernel(x, lora_a, lora_b, indices, coef, interpret):
-    if x.shape[0] <= DECODE_MAX_TOKENS:
+    if x.shape[0] <= PALLAS_DECODE_MAX_TOKENS:  # the per-token gather beats grouping tokens by adapter
         return lora_gather(x, lora_a, lora_b, indices, coef, blocks=GatherBlockSizes(), interpret=interpret)
     return lora_segment(x, lora_a, lora_b, indices, coef, blocks=SegmentBlockSizes(), interpret=interpret)
 
