@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meteora_layer import RANK, TOP_K, environment  # noqa: E402
 from profile_events import traced_kernel_events  # noqa: E402
 from result_path import default_result_path  # noqa: E402
+from results_tables import decode_tuning_section  # noqa: E402
 
 from meteora_jax.pallas.decode_layer import DecodeBlockSizes, decode_layer  # noqa: E402
 
@@ -39,9 +40,6 @@ GATE_TILES = [(64, 32), (128, 32), (256, 32), (512, 32), (128, 64), (256, 64), (
 GATE_WARPS = (2, 4)
 BLOCKS = [(128, 128), (128, 256), (256, 128)]  # (block_in, block_out); the first run swept these wider
 WARPS = (1,)
-FIELDS = {"gate": ("gate_block_in", "gate_block_adapters", "gate_num_warps"), "route_shrink": ("block_in", "num_warps"),
-          "expand_add": ("block_out", "num_warps")}
-
 
 def configs() -> list[DecodeBlockSizes]:
     default = DecodeBlockSizes()
@@ -87,15 +85,6 @@ def kernel_us(blocks: DecodeBlockSizes, x, sets, out_features: int) -> dict[str,
     return dict(totals)
 
 
-def comparable(rows: list[dict], kernel: str, defaults: dict) -> list[dict]:
-    """The rows that vary only `kernel`'s own fields: route_shrink's time also depends on the gate tile
-    (it sums one logit share per gate program), so its best is taken with the gate at its default."""
-    gate_fields = FIELDS["gate"]
-    if kernel == "gate":
-        return rows
-    return [r for r in rows if all(r[f] == defaults[f] for f in gate_fields)]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
@@ -112,15 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = {**environment(), "calls_per_program": CALLS, "defaults": dataclasses.asdict(DecodeBlockSizes()),
                   "results": rows}
         out.write_text(json.dumps(report, indent=1) + "\n")
-    default = dataclasses.asdict(DecodeBlockSizes())
-    print("| T | N | out | kernel | best configuration | us | default us |\n|---:|---:|---:|---|---|---:|---:|")
-    for case in CASES:
-        mine = [r for r in rows if (r["tokens"], r["adapters"], r["out_features"]) == case]
-        for kernel in KERNELS:
-            best = min(comparable(mine, kernel, default), key=lambda r: r[kernel])
-            ref = next(r[kernel] for r in mine if all(r[f] == v for f, v in default.items()))
-            config = ", ".join(f"{f}={best[f]}" for f in FIELDS[kernel])
-            print(f"| {case[0]} | {case[1]} | {case[2]} | {kernel} | {config} | {best[kernel]:.2f} | {ref:.2f} |")
+    print("\n".join(decode_tuning_section(report)))
     return 0
 
 
