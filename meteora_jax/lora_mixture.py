@@ -170,6 +170,10 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
         return y, logits, indices
     logits = compute_gate_logits(x, gate)
     indices, weights = route(logits, top_k, temperature)
+    if strategy == "pallas":
+        from meteora_jax.pallas.mixture import mixture_pallas_add  # Pallas imports stay off the default path
+
+        return mixture_pallas_add(x, lora_a, lora_b, scaling, indices, weights, y), logits, indices
     delta = lora_mixture(x, lora_a, lora_b, scaling, indices, weights, strategy)
     return y + delta.astype(y.dtype), logits, indices
 

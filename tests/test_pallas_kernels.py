@@ -5,13 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meteora_jax.lora_mixture import lora_mixture, route
+from meteora_jax.lora_mixture import gated_output, lora_mixture, route
 from meteora_jax.pallas import (
     GatherBlockSizes,
     SegmentBlockSizes,
     lora_gather,
     lora_gather_reference,
     lora_segment,
+    lora_segment_add,
 )
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -109,6 +110,8 @@ def test_kernels_full_size_on_gpu(tokens, adapters):
     ref = lora_gather_reference(x.astype(jnp.float32), a.astype(jnp.float32), b.astype(jnp.float32), indices, coef)
     assert rel_error(lora_gather(x, a, b, indices, coef), ref) < 1e-2
     assert rel_error(lora_segment(x, a, b, indices, coef), ref) < 1e-2
+    y = jnp.ones((tokens, 4096), jnp.bfloat16)
+    assert rel_error(np.asarray(lora_segment_add(x, a, b, indices, coef, y), np.float32) - 1.0, ref) < 1e-2
 
 
 @pytest.mark.gpu
@@ -131,3 +134,39 @@ def test_pallas_gradients_full_size_on_gpu():
     ref = jax.grad(loss, argnums=(1, 2))("bmm", x, logits)
     for g, r in zip(ours, ref):
         assert rel_error(g, r) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_segment_adds_into_the_base_output_in_place(dtype):
+    # out = 50 is off the 16-column tile grid; 37 tokens over 5 adapters leave padding lanes in most blocks.
+    x, a, b, indices, coef = problem((37, 100, 50, 5, 4, 2), dtype, seed=11)
+    y = jnp.asarray(np.random.default_rng(12).standard_normal((37, 50)), dtype)
+    before = np.asarray(y, np.float32).copy()
+    out = lora_segment_add(x, a, b, indices, coef, y, blocks=SMALL_SEGMENT, interpret=True)
+    delta = lora_gather_reference(x.astype(jnp.float32), a.astype(jnp.float32), b.astype(jnp.float32), indices, coef)
+    assert out.dtype == y.dtype and out.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(y, np.float32), before)  # the caller's y is not consumed
+    assert rel_error(np.asarray(out, np.float32) - before, delta) < TOLERANCE[dtype]
+    with pytest.raises(ValueError, match=r"y has shape \(37, 49\)"):
+        lora_segment_add(x, a, b, indices, coef, y[:, :49], blocks=SMALL_SEGMENT, interpret=True)
+
+
+def test_gated_pallas_prefill_gradients_match_loop():
+    m, i, o, n, r = 37, 40, 30, 5, 4
+    rng = np.random.default_rng(13)
+    x = jnp.asarray(rng.standard_normal((m, i)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((m, o)), jnp.float32)
+    gate = jnp.asarray(rng.standard_normal((i, n)), jnp.float32)
+    a = jnp.asarray(rng.standard_normal((n, i, r)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((n, r, o)), jnp.float32)
+    scaling = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((m, o)), jnp.float32)
+
+    def loss(strategy, x, y, gate):
+        out, _, _ = gated_output(x, y, gate, a, b, scaling, 2, 2.0, strategy)
+        return jnp.sum(out * cotangent)
+
+    ours = jax.grad(loss, argnums=(1, 2, 3))("pallas", x, y, gate)
+    ref = jax.grad(loss, argnums=(1, 2, 3))("loop", x, y, gate)
+    for name, g, r in zip(("x", "y", "gate"), ours, ref):
+        assert rel_error(g, r) < 1e-5, name

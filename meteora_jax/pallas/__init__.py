@@ -2,8 +2,8 @@
 
 from meteora_jax.pallas.decode_layer import DecodeBlockSizes, decode_layer, decode_layer_reference
 from meteora_jax.pallas.lora_gather import GatherBlockSizes, lora_gather, lora_gather_reference
-from meteora_jax.pallas.lora_segment import SegmentBlockSizes, group_by_adapter, lora_segment
-from meteora_jax.pallas.mixture import mixture_pallas
+from meteora_jax.pallas.lora_segment import SegmentBlockSizes, group_by_adapter, lora_segment, lora_segment_add
+from meteora_jax.pallas.mixture import mixture_pallas, mixture_pallas_add
 
 __all__ = [
     "DecodeBlockSizes",
@@ -15,5 +15,7 @@ __all__ = [
     "lora_gather",
     "lora_gather_reference",
     "lora_segment",
+    "lora_segment_add",
     "mixture_pallas",
+    "mixture_pallas_add",
 ]

@@ -3,12 +3,13 @@
 For each of the k routing slots, tokens are sorted by the adapter they chose there and every group is
 padded to a whole number of token blocks, so each block belongs to exactly one adapter. A program
 takes one block: it gathers the block's rows of x, computes h = x A (rank r kept on chip), scales by
-the routing coefficients, and adds h B into the output rows, one output tile at a time. Within one
-slot every token appears once, so no two programs write the same row; the k slots run one after the
-other on the same float32 output buffer (aliased in place). Only the chosen adapters are read.
-Padding rows of a block write to one extra scratch row of that buffer, and the buffer's columns are
-padded to whole output tiles: masked stores must never alias a real element, since interpret mode
-emulates them by read-modify-write.
+the routing coefficients, and adds h B into the output rows in place, one output tile at a time.
+Within one slot every token appears in one block only, so no two programs write the same row; the k
+slots run one after the other on the same buffer (aliased). Only the chosen adapters are read.
+A block's padding lanes repeat its first token (same row, same coefficient), and columns past the
+output's edge repeat its last column: every duplicate lane computes and writes the same value as the
+lane it copies, which is harmless on the GPU and in interpret mode (which emulates masked stores by
+read-modify-write), so the output needs no scratch row or padded columns.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ class SegmentBlockSizes:
 
 
 def group_by_adapter(adapter_ids: jax.Array, coef: jax.Array, num_adapters: int, block: int):
-    """Padded grouping of one slot: (rows [G*block] token id or -1, coef [G*block], block_adapter [G]).
+    """Padded grouping of one slot: (rows [G*block] token ids, coef [G*block], block_adapter [G]).
 
-    G = cdiv(M, block) + N is a static bound on the number of blocks; unused blocks get adapter -1.
+    G = cdiv(M, block) + N is a static bound on the number of blocks; unused blocks get adapter -1 (and
+    rows -1). A used block's padding lanes repeat its first token and coefficient.
     """
     m = adapter_ids.shape[0]
     num_blocks = pl.cdiv(m, block) + num_adapters
@@ -55,14 +57,18 @@ def group_by_adapter(adapter_ids: jax.Array, coef: jax.Array, num_adapters: int,
     position = (padded_end - padded)[sorted_ids] + rank_in_group
     rows = jnp.full((num_blocks * block,), -1, jnp.int32).at[position].set(order.astype(jnp.int32))
     padded_coef = jnp.zeros((num_blocks * block,), jnp.float32).at[position].set(coef[order])
+    # Padding lanes repeat their block's first lane (see the module docstring); unused blocks stay -1.
+    padding = rows < 0
+    rows = jnp.where(padding, jnp.repeat(rows[::block], block), rows)
+    padded_coef = jnp.where(padding, jnp.repeat(padded_coef[::block], block), padded_coef)
     block_adapter = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
     block_adapter = jnp.where(block_adapter < num_adapters, block_adapter, -1).astype(jnp.int32)
     return rows, padded_coef, block_adapter
 
 
-def _kernel(rows_ref, coef_ref, block_adapter_ref, x_ref, a_ref, b_ref, acc_ref, out_ref, *, in_features,
-            out_features, rank, rank_block, scratch_row, blocks: SegmentBlockSizes):
-    del acc_ref  # aliased to out_ref, which is read and written in place
+def _kernel(rows_ref, coef_ref, block_adapter_ref, x_ref, a_ref, b_ref, y_ref, out_ref, *, in_features,
+            out_features, rank, rank_block, blocks: SegmentBlockSizes):
+    del y_ref  # aliased to out_ref, which is read and written in place
     g = pl.program_id(0)
     adapter = block_adapter_ref[g]
     bt, bi, bo = blocks.block_tokens, blocks.block_in, blocks.block_out
@@ -71,15 +77,13 @@ def _kernel(rows_ref, coef_ref, block_adapter_ref, x_ref, a_ref, b_ref, acc_ref,
     @pl.when(adapter >= 0)
     def _():
         rows = rows_ref[pl.ds(g * bt, bt)]
-        valid = rows >= 0
-        safe_rows = jnp.where(valid, rows, scratch_row)
         ranks = jnp.arange(rank_block)
 
         # Gathers index with integer arrays on both axes: interpret mode cannot mix them with slices.
         def shrink(step, h):
             cols = step * bi + jnp.arange(bi)
-            x = plt.load(x_ref.at[safe_rows[:, None], jnp.minimum(cols, in_features - 1)[None, :]],
-                         mask=valid[:, None] & (cols < in_features)[None, :], other=0)
+            x = plt.load(x_ref.at[rows[:, None], jnp.minimum(cols, in_features - 1)[None, :]],
+                         mask=(cols < in_features)[None, :], other=0)
             a = plt.load(a_ref.at[adapter, pl.ds(step * bi, bi), pl.ds(0, rank_block)],
                          mask=(cols < in_features)[:, None] & (ranks < rank)[None, :], other=0)
             return h + jnp.dot(x, a, preferred_element_type=jnp.float32, precision=precision)
@@ -88,14 +92,13 @@ def _kernel(rows_ref, coef_ref, block_adapter_ref, x_ref, a_ref, b_ref, acc_ref,
         h = (h * coef_ref[pl.ds(g * bt, bt)][:, None]).astype(x_ref.dtype)
 
         def expand(step, carry):
-            cols = step * bo + jnp.arange(bo)
-            b = plt.load(b_ref.at[adapter, pl.ds(0, rank_block), pl.ds(step * bo, bo)],
-                         mask=(ranks < rank)[:, None] & (cols < out_features)[None, :], other=0)
-            mask = valid[:, None] & (cols < out_features)[None, :]
-            tile = out_ref.at[safe_rows[:, None], cols[None, :]]
-            previous = plt.load(tile, mask=mask, other=0)
-            plt.store(tile, previous + jnp.dot(h, b, preferred_element_type=jnp.float32, precision=precision),
-                      mask=mask)
+            cols = jnp.minimum(step * bo + jnp.arange(bo), out_features - 1)  # past the edge: the last column
+            b = plt.load(b_ref.at[adapter, jnp.minimum(ranks, rank - 1)[:, None], cols[None, :]],
+                         mask=(ranks < rank)[:, None], other=0)
+            tile = out_ref.at[rows[:, None], cols[None, :]]
+            total = plt.load(tile).astype(jnp.float32) + jnp.dot(h, b, preferred_element_type=jnp.float32,
+                                                                 precision=precision)
+            plt.store(tile, total.astype(out_ref.dtype))
             return carry
 
         jax.lax.fori_loop(0, pl.cdiv(out_features, bo), expand, 0)
@@ -105,6 +108,14 @@ def _kernel(rows_ref, coef_ref, block_adapter_ref, x_ref, a_ref, b_ref, acc_ref,
 def lora_segment(x, lora_a, lora_b, indices, coef, *, blocks: SegmentBlockSizes = SegmentBlockSizes(),
                  interpret: bool = False):
     """delta [M, O] float32 for x [M, I], lora_a [N, I, R], lora_b [N, R, O], indices / coef [M, K]."""
+    y = jnp.zeros((x.shape[0], lora_b.shape[-1]), jnp.float32)
+    return lora_segment_add(x, lora_a, lora_b, indices, coef, y, blocks=blocks, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def lora_segment_add(x, lora_a, lora_b, indices, coef, y, *, blocks: SegmentBlockSizes = SegmentBlockSizes(),
+                     interpret: bool = False):
+    """y + delta in y's dtype, added in place (y [M, O]); the rest as `lora_segment`."""
     blocks.check()
     _check_shapes(x, lora_a, lora_b, indices, coef)
     m, in_features = x.shape
@@ -112,23 +123,23 @@ def lora_segment(x, lora_a, lora_b, indices, coef, *, blocks: SegmentBlockSizes 
     out_features = lora_b.shape[-1]
     if x.dtype != lora_a.dtype or x.dtype != lora_b.dtype:
         raise ValueError(f"x, lora_a and lora_b must share a dtype, got {x.dtype}, {lora_a.dtype}, {lora_b.dtype}")
+    if y.shape != (m, out_features):
+        raise ValueError(f"y has shape {y.shape}; expected {(m, out_features)}")
     kernel = functools.partial(
         _kernel, in_features=in_features, out_features=out_features, rank=rank,
-        rank_block=max(pl.next_power_of_2(rank), 16), scratch_row=m, blocks=blocks,
+        rank_block=max(pl.next_power_of_2(rank), 16), blocks=blocks,
     )
-    padded_out = pl.cdiv(out_features, blocks.block_out) * blocks.block_out
-    out = jnp.zeros((m + 1, padded_out), jnp.float32)
     for slot in range(indices.shape[1]):
         rows, padded_coef, block_adapter = group_by_adapter(
             indices[:, slot].astype(jnp.int32), coef[:, slot].astype(jnp.float32), n, blocks.block_tokens
         )
-        out = pl.pallas_call(
+        y = pl.pallas_call(
             kernel,
-            out_shape=jax.ShapeDtypeStruct(out.shape, jnp.float32),
+            out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
             grid=(block_adapter.shape[0],),
             input_output_aliases={6: 0},
             compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
             interpret=interpret,
             name="meteora_lora_segment",
-        )(rows, padded_coef, block_adapter, x, lora_a, lora_b, out)
-    return out[:m, :out_features]
+        )(rows, padded_coef, block_adapter, x, lora_a, lora_b, y)
+    return y
