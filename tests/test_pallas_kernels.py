@@ -18,7 +18,7 @@ from meteora_jax.pallas import (
 ON_GPU = jax.default_backend() == "gpu"
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 SMALL_GATHER = GatherBlockSizes(block_in=32, block_out=16)
-SMALL_SEGMENT = SegmentBlockSizes(block_tokens=16, block_in=32, block_out=16)
+SMALL_SEGMENT = SegmentBlockSizes(block_tokens=16, block_in=16, span_in=32, block_out=16)
 
 # (tokens M, in I, out O, adapters N, rank R, top-k K): T = 1, dims off the block grid, empty groups,
 # N = 1 with k = 1 and r = 64, ragged groups with r = 12.
@@ -95,6 +95,8 @@ def test_bad_block_sizes_and_shapes():
         lora_gather(x, a, b, indices, coef, blocks=GatherBlockSizes(block_in=24), interpret=True)
     with pytest.raises(ValueError, match="block_tokens=8 must be a power of two >= 16"):
         lora_segment(x, a, b, indices, coef, blocks=SegmentBlockSizes(block_tokens=8), interpret=True)
+    with pytest.raises(ValueError, match="span_in=32 must be at least block_in=64"):
+        lora_segment(x, a, b, indices, coef, blocks=SegmentBlockSizes(span_in=32), interpret=True)
     with pytest.raises(ValueError, match="shape mismatch"):
         lora_segment(x[:, :16], a, b, indices, coef, interpret=True)
     with pytest.raises(ValueError, match="must share a dtype"):

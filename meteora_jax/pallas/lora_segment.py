@@ -1,9 +1,11 @@
-"""Prefill-path MeteoRA kernel (SGMV style): tokens grouped by adapter, shrink and expand fused.
+"""Prefill-path MeteoRA kernels (SGMV style): tokens grouped by adapter, a shrink and an expand kernel.
 
 For each of the k routing slots, tokens are sorted by the adapter they chose there and every group is
-padded to a whole number of token blocks, so each block belongs to exactly one adapter. A program
-takes one block: it gathers the block's rows of x, computes h = x A (rank r kept on chip), scales by
-the routing coefficients, and adds h B into the output rows in place, one output tile at a time.
+padded to a whole number of token blocks, so each block belongs to exactly one adapter. The shrink
+kernel takes (block, span of input features) and writes that span's part of h = x A for the block's
+gathered rows (float32, rank r, [spans, blocks * block_tokens, r]); splitting the input features keeps
+enough programs in flight to stream x at full bandwidth. The expand kernel takes (block, output tile):
+it sums the parts of h, scales by the routing coefficients and adds h B into the output rows in place.
 Within one slot every token appears in one block only, so no two programs write the same row; the k
 slots run one after the other on the same buffer (aliased). Only the chosen adapters are read.
 A block's padding lanes repeat its first token (same row, same coefficient), and columns past the
@@ -28,16 +30,20 @@ from meteora_jax.pallas.lora_gather import _check_shapes
 
 @dataclasses.dataclass(frozen=True)
 class SegmentBlockSizes:
-    """Defaults from bench/pallas_tuning.py on an H100 (4096 -> 4096, r = 8, T = 16384)."""
+    """block_in: input features per shrink loop step; span_in: input features per shrink program;
+    block_out: output features per expand program."""
 
     block_tokens: int = 64
     block_in: int = 64
-    block_out: int = 64
+    span_in: int = 1024
+    block_out: int = 128
     num_warps: int = 4
     num_stages: int = 2
 
     def check(self) -> None:
-        check_powers_of_two(self, ("block_tokens", "block_in", "block_out"))
+        check_powers_of_two(self, ("block_tokens", "block_in", "span_in", "block_out"))
+        if self.span_in < self.block_in:
+            raise ValueError(f"span_in={self.span_in} must be at least block_in={self.block_in}")
 
 
 def group_by_adapter(adapter_ids: jax.Array, coef: jax.Array, num_adapters: int, block: int):
@@ -66,13 +72,15 @@ def group_by_adapter(adapter_ids: jax.Array, coef: jax.Array, num_adapters: int,
     return rows, padded_coef, block_adapter
 
 
-def _kernel(rows_ref, coef_ref, block_adapter_ref, x_ref, a_ref, b_ref, y_ref, out_ref, *, in_features,
-            out_features, rank, rank_block, blocks: SegmentBlockSizes):
-    del y_ref  # aliased to out_ref, which is read and written in place
-    g = pl.program_id(0)
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _shrink_kernel(rows_ref, block_adapter_ref, x_ref, a_ref, h_ref, *, in_features, rank, rank_block,
+                   blocks: SegmentBlockSizes):
+    g, span = pl.program_id(0), pl.program_id(1)
     adapter = block_adapter_ref[g]
-    bt, bi, bo = blocks.block_tokens, blocks.block_in, blocks.block_out
-    precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+    bt, bi = blocks.block_tokens, blocks.block_in
 
     @pl.when(adapter >= 0)
     def _():
@@ -80,28 +88,40 @@ def _kernel(rows_ref, coef_ref, block_adapter_ref, x_ref, a_ref, b_ref, y_ref, o
         ranks = jnp.arange(rank_block)
 
         # Gathers index with integer arrays on both axes: interpret mode cannot mix them with slices.
-        def shrink(step, h):
-            cols = step * bi + jnp.arange(bi)
-            x = plt.load(x_ref.at[rows[:, None], jnp.minimum(cols, in_features - 1)[None, :]],
-                         mask=(cols < in_features)[None, :], other=0)
-            a = plt.load(a_ref.at[adapter, pl.ds(step * bi, bi), pl.ds(0, rank_block)],
-                         mask=(cols < in_features)[:, None] & (ranks < rank)[None, :], other=0)
-            return h + jnp.dot(x, a, preferred_element_type=jnp.float32, precision=precision)
+        def step(i, h):
+            cols = span * blocks.span_in + i * bi + jnp.arange(bi)
+            inside = cols < in_features
+            safe_cols = jnp.minimum(cols, in_features - 1)
+            x = plt.load(x_ref.at[rows[:, None], safe_cols[None, :]], mask=inside[None, :], other=0)
+            a = plt.load(a_ref.at[adapter, safe_cols[:, None], jnp.minimum(ranks, rank - 1)[None, :]],
+                         mask=inside[:, None] & (ranks < rank)[None, :], other=0)
+            return h + jnp.dot(x, a, preferred_element_type=jnp.float32, precision=_precision(x_ref.dtype))
 
-        h = jax.lax.fori_loop(0, pl.cdiv(in_features, bi), shrink, jnp.zeros((bt, rank_block), jnp.float32))
-        h = (h * coef_ref[pl.ds(g * bt, bt)][:, None]).astype(x_ref.dtype)
+        h = jax.lax.fori_loop(0, blocks.span_in // bi, step, jnp.zeros((bt, rank_block), jnp.float32))
+        h_ref[span, pl.ds(g * bt, bt), :] = h
 
-        def expand(step, carry):
-            cols = jnp.minimum(step * bo + jnp.arange(bo), out_features - 1)  # past the edge: the last column
-            b = plt.load(b_ref.at[adapter, jnp.minimum(ranks, rank - 1)[:, None], cols[None, :]],
-                         mask=(ranks < rank)[:, None], other=0)
-            tile = out_ref.at[rows[:, None], cols[None, :]]
-            total = plt.load(tile).astype(jnp.float32) + jnp.dot(h, b, preferred_element_type=jnp.float32,
-                                                                 precision=precision)
-            plt.store(tile, total.astype(out_ref.dtype))
-            return carry
 
-        jax.lax.fori_loop(0, pl.cdiv(out_features, bo), expand, 0)
+def _expand_kernel(rows_ref, coef_ref, block_adapter_ref, h_ref, b_ref, y_ref, out_ref, *, out_features, rank,
+                   rank_block, spans, blocks: SegmentBlockSizes):
+    del y_ref  # aliased to out_ref, which is read and written in place
+    g, tile_index = pl.program_id(0), pl.program_id(1)
+    adapter = block_adapter_ref[g]
+    bt, bo = blocks.block_tokens, blocks.block_out
+
+    @pl.when(adapter >= 0)
+    def _():
+        rows = rows_ref[pl.ds(g * bt, bt)]
+        h = h_ref[jnp.int32(0), pl.ds(g * bt, bt), :]
+        for span in range(1, spans):
+            h += h_ref[jnp.int32(span), pl.ds(g * bt, bt), :]
+        h = (h * coef_ref[pl.ds(g * bt, bt)][:, None]).astype(b_ref.dtype)
+        ranks = jnp.arange(rank_block)
+        cols = jnp.minimum(tile_index * bo + jnp.arange(bo), out_features - 1)  # past the edge: the last column
+        b = plt.load(b_ref.at[adapter, jnp.minimum(ranks, rank - 1)[:, None], cols[None, :]],
+                     mask=(ranks < rank)[:, None], other=0)
+        tile = out_ref.at[rows[:, None], cols[None, :]]
+        delta = jnp.dot(h, b, preferred_element_type=jnp.float32, precision=_precision(b_ref.dtype))
+        plt.store(tile, (plt.load(tile).astype(jnp.float32) + delta).astype(out_ref.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
@@ -125,21 +145,33 @@ def lora_segment_add(x, lora_a, lora_b, indices, coef, y, *, blocks: SegmentBloc
         raise ValueError(f"x, lora_a and lora_b must share a dtype, got {x.dtype}, {lora_a.dtype}, {lora_b.dtype}")
     if y.shape != (m, out_features):
         raise ValueError(f"y has shape {y.shape}; expected {(m, out_features)}")
-    kernel = functools.partial(
-        _kernel, in_features=in_features, out_features=out_features, rank=rank,
-        rank_block=max(pl.next_power_of_2(rank), 16), blocks=blocks,
-    )
+    rank_block = max(pl.next_power_of_2(rank), 16)
+    spans = pl.cdiv(in_features, blocks.span_in)
+    params = plt.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    shrink = functools.partial(_shrink_kernel, in_features=in_features, rank=rank, rank_block=rank_block,
+                               blocks=blocks)
+    expand = functools.partial(_expand_kernel, out_features=out_features, rank=rank, rank_block=rank_block,
+                               spans=spans, blocks=blocks)
     for slot in range(indices.shape[1]):
         rows, padded_coef, block_adapter = group_by_adapter(
             indices[:, slot].astype(jnp.int32), coef[:, slot].astype(jnp.float32), n, blocks.block_tokens
         )
-        y = pl.pallas_call(
-            kernel,
-            out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
-            grid=(block_adapter.shape[0],),
-            input_output_aliases={6: 0},
-            compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        num_blocks = block_adapter.shape[0]
+        h = pl.pallas_call(
+            shrink,
+            out_shape=jax.ShapeDtypeStruct((spans, num_blocks * blocks.block_tokens, rank_block), jnp.float32),
+            grid=(num_blocks, spans),
+            compiler_params=params,
             interpret=interpret,
-            name="meteora_lora_segment",
-        )(rows, padded_coef, block_adapter, x, lora_a, lora_b, y)
+            name="meteora_lora_shrink",
+        )(rows, block_adapter, x, lora_a)
+        y = pl.pallas_call(
+            expand,
+            out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
+            grid=(num_blocks, pl.cdiv(out_features, blocks.block_out)),
+            input_output_aliases={5: 0},
+            compiler_params=params,
+            interpret=interpret,
+            name="meteora_lora_expand",
+        )(rows, padded_coef, block_adapter, h, lora_b, y)
     return y
