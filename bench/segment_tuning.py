@@ -46,8 +46,8 @@ def problem(tokens, adapters, features, seed=0):
     return x, a, b, indices, weights * SCALING, y
 
 
-def kernel_us(fn, args) -> dict[str, float]:
-    """Profiler kernel time per call (us), by kernel family."""
+def kernel_us(fn, args) -> dict[str, float | dict[str, float]]:
+    """Profiler kernel time per call (us), by kernel family, and by kernel name under "by_name"."""
     compiled = jax.jit(fn).lower(*args).compile()
     jax.block_until_ready(compiled(*args))
 
@@ -57,18 +57,21 @@ def kernel_us(fn, args) -> dict[str, float]:
         jax.block_until_ready(out)
 
     split = {"shrink": 0.0, "expand": 0.0, "other": 0.0}
+    by_name: dict[str, float] = {}
     for name, _, duration in traced_kernel_events(run):
         family = "shrink" if "shrink" in name else "expand" if "expand" in name else "other"
         split[family] += duration / CALLS / 1e3
-    return {**split, "total": sum(split.values())}
+        by_name[name] = by_name.get(name, 0.0) + duration / CALLS / 1e3
+    return {**split, "total": sum(split.values()), "by_name": by_name}
 
 
 def configs(smoke: bool) -> list[SegmentBlockSizes]:
     if smoke:
-        return [SegmentBlockSizes(block_tokens=16, block_in=16, span_in=32, block_out=16)]
-    sweep = [SegmentBlockSizes(block_tokens=bt, block_in=bi, span_in=span, block_out=bo)
-             for bt, bi, span, bo in itertools.product((64, 128), (64, 128), (512, 1024), (128, 256))]
-    return sweep + [SegmentBlockSizes(num_warps=8), SegmentBlockSizes(block_tokens=128, num_warps=8)]
+        return [SegmentBlockSizes(block_tokens=bt, block_in=16, span_in=32, block_out=16) for bt in (16, None)]
+    sweep = [SegmentBlockSizes(block_tokens=bt, block_in=bi, block_out=bo)
+             for bt, bi, bo in itertools.product((None, 16, 32, 64), (64, 128), (64, 128))]
+    return sweep + [SegmentBlockSizes(num_stages=3), SegmentBlockSizes(num_warps=8), SegmentBlockSizes(span_in=512),
+                    SegmentBlockSizes(num_warps=2)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,8 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as error:  # noqa: BLE001 -- a configuration that fails to compile is skipped
                 print(f"{blocks}: {str(error).splitlines()[0][:160]}", flush=True)
                 continue
-            rows.append({"kind": "segment", "tokens": tokens, "adapters": adapters,
-                         "config": {f: getattr(blocks, f) for f in blocks.__dataclass_fields__}, "us": us})
+            config = {f: getattr(blocks, f) for f in blocks.__dataclass_fields__}
+            config["block_tokens"] = config["block_tokens"] or f"rule: {blocks.resolve(tokens, adapters).block_tokens}"
+            rows.append({"kind": "segment", "tokens": tokens, "adapters": adapters, "config": config, "us": us})
             print(f"T={tokens} N={adapters} {blocks}: {us['total']:.1f} us "
                   f"(shrink {us['shrink']:.1f}, expand {us['expand']:.1f}, other {us['other']:.1f})", flush=True)
         out.write_text(json.dumps({**environment(), "calls": CALLS, "rows": rows}, indent=1) + "\n")

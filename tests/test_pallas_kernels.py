@@ -9,6 +9,7 @@ from meteora_jax.lora_mixture import gated_output, lora_mixture, route
 from meteora_jax.pallas import (
     GatherBlockSizes,
     SegmentBlockSizes,
+    group_by_adapter,
     lora_gather,
     lora_gather_reference,
     lora_segment,
@@ -87,6 +88,33 @@ def test_pallas_strategy_gradients_match_loop(case):
     ref = jax.grad(loss, argnums=(1, 2, 3, 4))("loop", *args)
     for name, g, r in zip(("x", "gate logits", "lora_a", "lora_b"), ours, ref):
         assert rel_error(g, r) < 1e-5, name
+
+
+def test_grouping_covers_every_pair_in_blocks_of_one_slot_and_adapter():
+    m, n, k, block = 37, 5, 2, 16
+    x, a, b, indices, coef = problem((m, 8, 8, n, 4, k), "float32", seed=5, skew=True)
+    rows, padded_coef, block_adapter = group_by_adapter(indices, coef, n, block)
+    rows, padded_coef, block_adapter = map(np.asarray, (rows, padded_coef, block_adapter))
+    per_slot = len(block_adapter) // k
+    assert per_slot == -(-m // block) + n and rows.shape == padded_coef.shape == (k * per_slot * block,)
+    seen = set()
+    for g, adapter in enumerate(block_adapter):
+        lanes = rows[g * block:(g + 1) * block]
+        if adapter < 0:
+            assert (lanes == -1).all()
+            continue
+        slot = g // per_slot
+        assert (np.asarray(indices)[lanes, slot] == adapter).all()  # padding lanes repeat a real pair
+        np.testing.assert_allclose(padded_coef[g * block:(g + 1) * block], np.asarray(coef)[lanes, slot])
+        seen |= {(int(t), slot) for t in lanes}
+    assert seen == {(t, s) for t in range(m) for s in range(k)}
+
+
+def test_block_tokens_rule_follows_the_mean_group_size():
+    assert SegmentBlockSizes().resolve(16384, 28).block_tokens == 64
+    assert SegmentBlockSizes().resolve(4096, 256).block_tokens == 16
+    assert SegmentBlockSizes().resolve(700, 20).block_tokens == 32
+    assert SegmentBlockSizes(block_tokens=128).resolve(4096, 256).block_tokens == 128
 
 
 def test_bad_block_sizes_and_shapes():

@@ -1,12 +1,12 @@
 """Prefill-path MeteoRA kernels (SGMV style): tokens grouped by adapter, a shrink and an expand kernel.
 
-For each of the k routing slots, tokens are sorted by the adapter they chose there and every group is
-padded to a whole number of token blocks, so each block belongs to exactly one adapter. The shrink
-kernel takes (block, span of input features) and writes that span's part of h = x A for the block's
-gathered rows (float32, rank r, [spans, blocks * block_tokens, r]); splitting the input features keeps
-enough programs in flight to stream x at full bandwidth. The expand kernel takes (block, output tile):
-it sums the parts of h, scales by the routing coefficients and adds h B into the output rows in place.
-Within one slot every token appears in one block only, so no two programs write the same row; the k
+The (token, slot) pairs are sorted by (slot, adapter) with one sort, and every group is padded to a
+whole number of token blocks, so each block belongs to one slot and one adapter. The shrink kernel
+takes (block, span of input features) and writes that span's part of h = x A for the block's gathered
+rows, all slots at once (float32, [spans, blocks * block_tokens, r]); splitting the input features
+keeps enough programs in flight to stream x at full bandwidth. The expand kernel takes (block, output
+tile): it sums the parts of h, scales by the routing coefficients and adds h B into the output rows
+in place. Within one slot every token appears in one block only, so no two programs write the same row; the k
 slots run one after the other on the same buffer (aliased). Only the chosen adapters are read.
 A block's padding lanes repeat its first token (same row, same coefficient), and columns past the
 output's edge repeat its last column: every duplicate lane computes and writes the same value as the
@@ -30,10 +30,10 @@ from meteora_jax.pallas.lora_gather import _check_shapes
 
 @dataclasses.dataclass(frozen=True)
 class SegmentBlockSizes:
-    """block_in: input features per shrink loop step; span_in: input features per shrink program;
-    block_out: output features per expand program."""
+    """block_tokens: tokens per block, None for the rule in `resolve`; block_in: input features per shrink loop
+    step; span_in: input features per shrink program; block_out: output features per expand program."""
 
-    block_tokens: int = 64
+    block_tokens: int | None = None
     block_in: int = 64
     span_in: int = 1024
     block_out: int = 128
@@ -41,34 +41,50 @@ class SegmentBlockSizes:
     num_stages: int = 2
 
     def check(self) -> None:
-        check_powers_of_two(self, ("block_tokens", "block_in", "span_in", "block_out"))
+        names = ("block_in", "span_in", "block_out") + (("block_tokens",) if self.block_tokens is not None else ())
+        check_powers_of_two(self, names)
         if self.span_in < self.block_in:
             raise ValueError(f"span_in={self.span_in} must be at least block_in={self.block_in}")
 
+    def resolve(self, tokens: int, adapters: int) -> SegmentBlockSizes:
+        """block_tokens by default: about one adapter group's mean size (tokens / adapters), from 16 to 64,
+        so that padding to whole blocks stays below about half of the work (bench/NOTES.md)."""
+        if self.block_tokens is not None:
+            return self
+        mean_group = max(tokens // adapters, 1)
+        return dataclasses.replace(self, block_tokens=min(max(1 << (mean_group.bit_length() - 1), 16), 64))
 
-def group_by_adapter(adapter_ids: jax.Array, coef: jax.Array, num_adapters: int, block: int):
-    """Padded grouping of one slot: (rows [G*block] token ids, coef [G*block], block_adapter [G]).
 
-    G = cdiv(M, block) + N is a static bound on the number of blocks; unused blocks get adapter -1 (and
-    rows -1). A used block's padding lanes repeat its first token and coefficient.
+def group_by_adapter(indices: jax.Array, coef: jax.Array, num_adapters: int, block: int):
+    """Padded grouping of every slot with one sort: (rows [K*S*block] token ids, coef [K*S*block],
+    block_adapter [K*S]) for indices / coef [M, K].
+
+    Slot k owns the S = cdiv(M, block) + N blocks from k*S on (a static bound); within it, each adapter's
+    tokens fill whole blocks. Unused blocks get adapter -1 (and rows -1); a used block's padding lanes
+    repeat its first token and coefficient.
     """
-    m = adapter_ids.shape[0]
-    num_blocks = pl.cdiv(m, block) + num_adapters
-    counts = jnp.bincount(adapter_ids, length=num_adapters)
-    padded = (counts + block - 1) // block * block
-    padded_end = jnp.cumsum(padded)
-    order = jnp.argsort(adapter_ids, stable=True)
-    sorted_ids = adapter_ids[order]
-    rank_in_group = jnp.arange(m) - (jnp.cumsum(counts) - counts)[sorted_ids]
-    position = (padded_end - padded)[sorted_ids] + rank_in_group
-    rows = jnp.full((num_blocks * block,), -1, jnp.int32).at[position].set(order.astype(jnp.int32))
-    padded_coef = jnp.zeros((num_blocks * block,), jnp.float32).at[position].set(coef[order])
+    m, k = indices.shape
+    n = num_adapters
+    per_slot = pl.cdiv(m, block) + n
+    keys = (jnp.arange(k, dtype=jnp.int32)[:, None] * n + indices.T.astype(jnp.int32)).reshape(-1)  # slot-major
+    counts = jnp.bincount(keys, length=k * n)
+    padded = ((counts + block - 1) // block * block).reshape(k, n)
+    padded_end = (jnp.cumsum(padded, axis=1) + jnp.arange(k)[:, None] * per_slot * block).reshape(-1)
+    order = jnp.argsort(keys)
+    sorted_keys = keys[order]
+    rank_in_group = jnp.arange(k * m) - (jnp.cumsum(counts) - counts)[sorted_keys]
+    position = (padded_end - padded.reshape(-1))[sorted_keys] + rank_in_group
+    size = k * per_slot * block
+    rows = jnp.full((size,), -1, jnp.int32).at[position].set((order % m).astype(jnp.int32))
+    padded_coef = jnp.zeros((size,), jnp.float32).at[position].set(coef.T.reshape(-1).astype(jnp.float32)[order])
     # Padding lanes repeat their block's first lane (see the module docstring); unused blocks stay -1.
     padding = rows < 0
     rows = jnp.where(padding, jnp.repeat(rows[::block], block), rows)
     padded_coef = jnp.where(padding, jnp.repeat(padded_coef[::block], block), padded_coef)
-    block_adapter = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
-    block_adapter = jnp.where(block_adapter < num_adapters, block_adapter, -1).astype(jnp.int32)
+    block_start = jnp.arange(k * per_slot) * block
+    group = jnp.searchsorted(padded_end, block_start, side="right")
+    used = (group < k * n) & (group // n == block_start // (per_slot * block))
+    block_adapter = jnp.where(used, group % n, -1).astype(jnp.int32)
     return rows, padded_coef, block_adapter
 
 
@@ -101,10 +117,10 @@ def _shrink_kernel(rows_ref, block_adapter_ref, x_ref, a_ref, h_ref, *, in_featu
         h_ref[span, pl.ds(g * bt, bt), :] = h
 
 
-def _expand_kernel(rows_ref, coef_ref, block_adapter_ref, h_ref, b_ref, y_ref, out_ref, *, out_features, rank,
-                   rank_block, spans, blocks: SegmentBlockSizes):
+def _expand_kernel(rows_ref, coef_ref, block_adapter_ref, h_ref, b_ref, y_ref, out_ref, *, first_block, out_features,
+                   rank, rank_block, spans, blocks: SegmentBlockSizes):
     del y_ref  # aliased to out_ref, which is read and written in place
-    g, tile_index = pl.program_id(0), pl.program_id(1)
+    g, tile_index = first_block + pl.program_id(0), pl.program_id(1)
     adapter = block_adapter_ref[g]
     bt, bo = blocks.block_tokens, blocks.block_out
 
@@ -145,30 +161,27 @@ def lora_segment_add(x, lora_a, lora_b, indices, coef, y, *, blocks: SegmentBloc
         raise ValueError(f"x, lora_a and lora_b must share a dtype, got {x.dtype}, {lora_a.dtype}, {lora_b.dtype}")
     if y.shape != (m, out_features):
         raise ValueError(f"y has shape {y.shape}; expected {(m, out_features)}")
+    blocks = blocks.resolve(m, n)
     rank_block = max(pl.next_power_of_2(rank), 16)
     spans = pl.cdiv(in_features, blocks.span_in)
     params = plt.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-    shrink = functools.partial(_shrink_kernel, in_features=in_features, rank=rank, rank_block=rank_block,
-                               blocks=blocks)
-    expand = functools.partial(_expand_kernel, out_features=out_features, rank=rank, rank_block=rank_block,
-                               spans=spans, blocks=blocks)
-    for slot in range(indices.shape[1]):
-        rows, padded_coef, block_adapter = group_by_adapter(
-            indices[:, slot].astype(jnp.int32), coef[:, slot].astype(jnp.float32), n, blocks.block_tokens
-        )
-        num_blocks = block_adapter.shape[0]
-        h = pl.pallas_call(
-            shrink,
-            out_shape=jax.ShapeDtypeStruct((spans, num_blocks * blocks.block_tokens, rank_block), jnp.float32),
-            grid=(num_blocks, spans),
-            compiler_params=params,
-            interpret=interpret,
-            name="meteora_lora_shrink",
-        )(rows, block_adapter, x, lora_a)
+    rows, padded_coef, block_adapter = group_by_adapter(indices, coef, n, blocks.block_tokens)
+    h = pl.pallas_call(
+        functools.partial(_shrink_kernel, in_features=in_features, rank=rank, rank_block=rank_block, blocks=blocks),
+        out_shape=jax.ShapeDtypeStruct((spans, rows.shape[0], rank_block), jnp.float32),
+        grid=(block_adapter.shape[0], spans),
+        compiler_params=params,
+        interpret=interpret,
+        name="meteora_lora_shrink",
+    )(rows, block_adapter, x, lora_a)
+    per_slot = block_adapter.shape[0] // indices.shape[1]
+    for slot in range(indices.shape[1]):  # one slot at a time: within a slot no two blocks share a token
+        expand = functools.partial(_expand_kernel, first_block=slot * per_slot, out_features=out_features, rank=rank,
+                                   rank_block=rank_block, spans=spans, blocks=blocks)
         y = pl.pallas_call(
             expand,
             out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
-            grid=(num_blocks, pl.cdiv(out_features, blocks.block_out)),
+            grid=(per_slot, pl.cdiv(out_features, blocks.block_out)),
             input_output_aliases={5: 0},
             compiler_params=params,
             interpret=interpret,
