@@ -1,13 +1,15 @@
 """Prefill-path MeteoRA kernels (SGMV style): tokens grouped by adapter, a shrink and an expand kernel.
 
 The (token, slot) pairs are sorted by (slot, adapter) with one sort, and every group is padded to a
-whole number of token blocks, so each block belongs to one slot and one adapter. The shrink kernel
-takes (block, span of input features) and writes that span's part of h = x A for the block's gathered
-rows, all slots at once (float32, [spans, blocks * block_tokens, r]); splitting the input features
-keeps enough programs in flight to stream x at full bandwidth. The expand kernel takes (block, output
-tile): it sums the parts of h, scales by the routing coefficients and adds h B into the output rows
-in place. Within one slot every token appears in one block only, so no two programs write the same row; the k
-slots run one after the other on the same buffer (aliased). Only the chosen adapters are read.
+whole number of token blocks, so each block belongs to one slot and one adapter.
+- shrink, one launch for all slots, a program per (span of input features, block): that span's part
+  of h = x A for the block's gathered rows, float32 [spans, blocks * block_tokens, r]. Splitting the
+  input features keeps enough programs in flight to stream x at full bandwidth.
+- expand, one launch per slot, a program per (output tile, block): sums the parts of h, scales by the
+  routing coefficients and adds h B into the block's output rows in place (the output is aliased).
+  Within one slot every token is in one block only, so no two programs write the same row.
+The feature axis comes first in both grids (the fastest-varying program index), so programs that run
+together cover whole rows of x and of the output. Only the chosen adapters are read.
 A block's padding lanes repeat its first token (same row, same coefficient), and columns past the
 output's edge repeat its last column: every duplicate lane computes and writes the same value as the
 lane it copies, which is harmless on the GPU and in interpret mode (which emulates masked stores by
@@ -94,7 +96,7 @@ def _precision(dtype):
 
 def _shrink_kernel(rows_ref, block_adapter_ref, x_ref, a_ref, h_ref, *, in_features, rank, rank_block,
                    blocks: SegmentBlockSizes):
-    g, span = pl.program_id(0), pl.program_id(1)
+    span, g = pl.program_id(0), pl.program_id(1)
     adapter = block_adapter_ref[g]
     bt, bi = blocks.block_tokens, blocks.block_in
 
@@ -120,7 +122,7 @@ def _shrink_kernel(rows_ref, block_adapter_ref, x_ref, a_ref, h_ref, *, in_featu
 def _expand_kernel(rows_ref, coef_ref, block_adapter_ref, h_ref, b_ref, y_ref, out_ref, *, first_block, out_features,
                    rank, rank_block, spans, blocks: SegmentBlockSizes):
     del y_ref  # aliased to out_ref, which is read and written in place
-    g, tile_index = first_block + pl.program_id(0), pl.program_id(1)
+    tile_index, g = pl.program_id(0), first_block + pl.program_id(1)
     adapter = block_adapter_ref[g]
     bt, bo = blocks.block_tokens, blocks.block_out
 
@@ -169,7 +171,7 @@ def lora_segment_add(x, lora_a, lora_b, indices, coef, y, *, blocks: SegmentBloc
     h = pl.pallas_call(
         functools.partial(_shrink_kernel, in_features=in_features, rank=rank, rank_block=rank_block, blocks=blocks),
         out_shape=jax.ShapeDtypeStruct((spans, rows.shape[0], rank_block), jnp.float32),
-        grid=(block_adapter.shape[0], spans),
+        grid=(spans, block_adapter.shape[0]),
         compiler_params=params,
         interpret=interpret,
         name="meteora_lora_shrink",
@@ -181,7 +183,7 @@ def lora_segment_add(x, lora_a, lora_b, indices, coef, y, *, blocks: SegmentBloc
         y = pl.pallas_call(
             expand,
             out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
-            grid=(per_slot, pl.cdiv(out_features, blocks.block_out)),
+            grid=(pl.cdiv(out_features, blocks.block_out), per_slot),
             input_output_aliases={5: 0},
             compiler_params=params,
             interpret=interpret,
