@@ -138,13 +138,40 @@ def dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k: int, temperature, o
 
 
 def compute_gate_logits(x, gate) -> jax.Array:
-    """x @ gate in float32, [M, N]. Below GATE_MIN_ROWS tokens XLA lowers the dot to a multiply and a
-    reduction that cost 2-3x a matrix product on an H100 (bench/NOTES.md); zero rows keep it a product."""
+    """x @ gate in float32, [M, N]. For bf16/f16 x see `_split_gate_logits`. Below GATE_MIN_ROWS tokens XLA
+    lowers the dot to a multiply and a reduction that cost 2-3x a matrix product on an H100 (bench/NOTES.md);
+    zero rows keep it a product."""
     m = x.shape[0]
-    x = x.astype(jnp.float32)
     if m < GATE_MIN_ROWS:
         x = jnp.concatenate([x, jnp.zeros((GATE_MIN_ROWS - m, x.shape[1]), x.dtype)])
-    return jnp.dot(x, gate.astype(jnp.float32))[:m]
+    if jnp.dtype(x.dtype).itemsize == 2:
+        return _split_gate_logits(x, gate.astype(jnp.float32))[:m]
+    return jnp.dot(x.astype(jnp.float32), gate.astype(jnp.float32))[:m]
+
+
+@jax.custom_vjp
+def _split_gate_logits(x, gate):
+    """x (16-bit) @ gate (float32): the gate rides as two 16-bit parts (hi + lo, ~16 mantissa bits) in one
+    tensor-core matmul with float32 accumulation, as in `dense_with_gate`: no float32 copy of x, and a
+    fraction of a float32 matmul's time at large N (bench/NOTES.md). Gradients are float32 products, as
+    the plain float32 matmul's (without the custom VJP the gate's would be rounded to 16 bits)."""
+    n = gate.shape[1]
+    hi = gate.astype(x.dtype)
+    lo = (gate - hi.astype(jnp.float32)).astype(x.dtype)
+    parts = jnp.dot(x, jnp.concatenate([hi, lo], axis=1), preferred_element_type=jnp.float32)
+    return parts[:, :n] + parts[:, n:]
+
+
+def _split_gate_logits_forward(x, gate):
+    return _split_gate_logits(x, gate), (x, gate)
+
+
+def _split_gate_logits_backward(residuals, g):
+    x, gate = residuals
+    return jnp.dot(g, gate.T).astype(x.dtype), jnp.dot(x.astype(jnp.float32).T, g)
+
+
+_split_gate_logits.defvjp(_split_gate_logits_forward, _split_gate_logits_backward)
 
 
 def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, strategy: str):

@@ -115,3 +115,23 @@ def test_dense_with_gate_matches_float32_gate_and_dense():
     np.testing.assert_array_equal(indices, ref_indices)
     ref = lora_mixture(*(v.astype(jnp.float32) for v in (x, a, b)), scaling, ref_indices, ref_weights, "loop")
     assert rel_error(delta, ref) < 1e-2
+
+
+@pytest.mark.parametrize("m", [3, 40])
+def test_16_bit_gate_logits_and_their_gradients_match_float32(m):
+    from meteora_jax.lora_mixture import compute_gate_logits
+
+    rng = np.random.default_rng(m)
+    x = jnp.asarray(rng.standard_normal((m, 64)), jnp.bfloat16)
+    gate = jnp.asarray(rng.standard_normal((64, 6)) * 0.1, jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((m, 6)), jnp.float32)
+
+    def exact(x, gate):
+        return jnp.dot(x.astype(jnp.float32), gate, precision=jax.lax.Precision.HIGHEST)
+
+    assert rel_error(compute_gate_logits(x, gate), exact(x, gate)) < 1e-4  # the hi + lo split: ~16 mantissa bits
+    ours = jax.grad(lambda x, g: jnp.sum(compute_gate_logits(x, g) * cotangent), argnums=(0, 1))(x, gate)
+    ref = jax.grad(lambda x, g: jnp.sum(exact(x, g) * cotangent), argnums=(0, 1))(x, gate)
+    assert ours[0].dtype == jnp.bfloat16 and ours[1].dtype == jnp.float32
+    assert rel_error(ours[0], ref[0]) < 1e-2
+    assert rel_error(ours[1], ref[1]) < 1e-6  # float32, not rounded to the input's 16 bits

@@ -110,11 +110,15 @@ def test_grouping_covers_every_pair_in_blocks_of_one_slot_and_adapter():
     assert seen == {(t, s) for t in range(m) for s in range(k)}
 
 
-def test_block_tokens_rule_follows_the_mean_group_size():
-    assert SegmentBlockSizes().resolve(16384, 28).block_tokens == 64
-    assert SegmentBlockSizes().resolve(4096, 256).block_tokens == 16
-    assert SegmentBlockSizes().resolve(700, 20).block_tokens == 32
-    assert SegmentBlockSizes(block_tokens=128).resolve(4096, 256).block_tokens == 128
+def test_block_size_rules_follow_the_mean_group_size():
+    def resolved(blocks, tokens, adapters):
+        r = blocks.resolve(tokens, adapters)
+        return r.block_tokens, r.block_out, r.num_warps
+
+    assert resolved(SegmentBlockSizes(), 16384, 28) == (64, 64, 4)
+    assert resolved(SegmentBlockSizes(), 4096, 256) == (16, 128, 2)
+    assert resolved(SegmentBlockSizes(), 700, 20) == (32, 128, 4)
+    assert resolved(SegmentBlockSizes(block_tokens=128, num_warps=8), 4096, 256) == (128, 64, 8)
 
 
 def test_bad_block_sizes_and_shapes():

@@ -2,14 +2,14 @@
 
 The (token, slot) pairs are sorted by (slot, adapter) with one sort, and every group is padded to a
 whole number of token blocks, so each block belongs to one slot and one adapter.
-- shrink, one launch for all slots, a program per (span of input features, block): that span's part
+- shrink, one launch for all slots, a program per (block, span of input features): that span's part
   of h = x A for the block's gathered rows, float32 [spans, blocks * block_tokens, r]. Splitting the
   input features keeps enough programs in flight to stream x at full bandwidth.
-- expand, one launch per slot, a program per (output tile, block): sums the parts of h, scales by the
+- expand, one launch per slot, a program per (block, output tile): sums the parts of h, scales by the
   routing coefficients and adds h B into the block's output rows in place (the output is aliased).
   Within one slot every token is in one block only, so no two programs write the same row.
-The feature axis comes first in both grids (the fastest-varying program index), so programs that run
-together cover whole rows of x and of the output. Only the chosen adapters are read.
+The block axis comes first in both grids (the fastest-varying program index): with the feature axis
+first the expand took 1.2-1.3x longer on an H100 (bench/NOTES.md). Only the chosen adapters are read.
 A block's padding lanes repeat its first token (same row, same coefficient), and columns past the
 output's edge repeat its last column: every duplicate lane computes and writes the same value as the
 lane it copies, which is harmless on the GPU and in interpret mode (which emulates masked stores by
@@ -32,29 +32,33 @@ from meteora_jax.pallas.lora_gather import _check_shapes
 
 @dataclasses.dataclass(frozen=True)
 class SegmentBlockSizes:
-    """block_tokens: tokens per block, None for the rule in `resolve`; block_in: input features per shrink loop
-    step; span_in: input features per shrink program; block_out: output features per expand program."""
+    """block_tokens: tokens per block; block_in: input features per shrink loop step; span_in: input
+    features per shrink program; block_out: output features per expand program. None: the rule in
+    `resolve`."""
 
     block_tokens: int | None = None
     block_in: int = 64
     span_in: int = 1024
-    block_out: int = 128
-    num_warps: int = 4
+    block_out: int | None = None
+    num_warps: int | None = None
     num_stages: int = 2
 
     def check(self) -> None:
-        names = ("block_in", "span_in", "block_out") + (("block_tokens",) if self.block_tokens is not None else ())
-        check_powers_of_two(self, names)
+        check_powers_of_two(self, ("block_tokens", "block_in", "span_in", "block_out"))
         if self.span_in < self.block_in:
             raise ValueError(f"span_in={self.span_in} must be at least block_in={self.block_in}")
 
     def resolve(self, tokens: int, adapters: int) -> SegmentBlockSizes:
-        """block_tokens by default: about one adapter group's mean size (tokens / adapters), from 16 to 64,
-        so that padding to whole blocks stays below about half of the work (bench/NOTES.md)."""
-        if self.block_tokens is not None:
-            return self
-        mean_group = max(tokens // adapters, 1)
-        return dataclasses.replace(self, block_tokens=min(max(1 << (mean_group.bit_length() - 1), 16), 64))
+        """The rules, from bench/segment_tuning.py on an H100: block_tokens about one adapter group's mean
+        size (tokens / adapters) from 16 to 64, so that padding blocks stays a fraction of the work; then
+        64 output features and 4 warps for 64-token blocks, 128 features and 2 warps for 16-token blocks."""
+        block_tokens = self.block_tokens
+        if block_tokens is None:
+            mean_group = max(tokens // adapters, 1)
+            block_tokens = min(max(1 << (mean_group.bit_length() - 1), 16), 64)
+        block_out = self.block_out or (64 if block_tokens >= 64 else 128)
+        num_warps = self.num_warps or (2 if block_tokens <= 16 else 4)
+        return dataclasses.replace(self, block_tokens=block_tokens, block_out=block_out, num_warps=num_warps)
 
 
 def group_by_adapter(indices: jax.Array, coef: jax.Array, num_adapters: int, block: int):
@@ -96,7 +100,7 @@ def _precision(dtype):
 
 def _shrink_kernel(rows_ref, block_adapter_ref, x_ref, a_ref, h_ref, *, in_features, rank, rank_block,
                    blocks: SegmentBlockSizes):
-    span, g = pl.program_id(0), pl.program_id(1)
+    g, span = pl.program_id(0), pl.program_id(1)
     adapter = block_adapter_ref[g]
     bt, bi = blocks.block_tokens, blocks.block_in
 
@@ -122,7 +126,7 @@ def _shrink_kernel(rows_ref, block_adapter_ref, x_ref, a_ref, h_ref, *, in_featu
 def _expand_kernel(rows_ref, coef_ref, block_adapter_ref, h_ref, b_ref, y_ref, out_ref, *, first_block, out_features,
                    rank, rank_block, spans, blocks: SegmentBlockSizes):
     del y_ref  # aliased to out_ref, which is read and written in place
-    tile_index, g = pl.program_id(0), first_block + pl.program_id(1)
+    g, tile_index = first_block + pl.program_id(0), pl.program_id(1)
     adapter = block_adapter_ref[g]
     bt, bo = blocks.block_tokens, blocks.block_out
 
@@ -171,7 +175,7 @@ def lora_segment_add(x, lora_a, lora_b, indices, coef, y, *, blocks: SegmentBloc
     h = pl.pallas_call(
         functools.partial(_shrink_kernel, in_features=in_features, rank=rank, rank_block=rank_block, blocks=blocks),
         out_shape=jax.ShapeDtypeStruct((spans, rows.shape[0], rank_block), jnp.float32),
-        grid=(spans, block_adapter.shape[0]),
+        grid=(block_adapter.shape[0], spans),
         compiler_params=params,
         interpret=interpret,
         name="meteora_lora_shrink",
@@ -183,7 +187,7 @@ def lora_segment_add(x, lora_a, lora_b, indices, coef, y, *, blocks: SegmentBloc
         y = pl.pallas_call(
             expand,
             out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
-            grid=(pl.cdiv(out_features, blocks.block_out), per_slot),
+            grid=(per_slot, pl.cdiv(out_features, blocks.block_out)),
             input_output_aliases={5: 0},
             compiler_params=params,
             interpret=interpret,
