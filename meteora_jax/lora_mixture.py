@@ -97,9 +97,14 @@ def mixture_dense(x, lora_a, lora_b, scaling, indices, weights):
 
 def _mix_all_adapters(h, lora_b, scaling, indices, weights, dtype, out_dtype=jnp.float32):
     """dense's second half: every adapter's x A [M, N, R] scaled by its sparse coefficient, then @ B."""
-    coef = coefficients(indices, weights, lora_b.shape[0]) * scaling  # [M, N]
-    h = (h * coef[:, :, None]).astype(dtype)
+    h = _scale_by_routing(h, scaling, indices, weights, dtype)
     return jnp.einsum("MNR,NRO->MO", h, lora_b, preferred_element_type=out_dtype)
+
+
+def _scale_by_routing(h, scaling, indices, weights, dtype):
+    """h [M, N, R] times each token's coefficient per adapter (zero where not chosen), in `dtype`."""
+    coef = coefficients(indices, weights, h.shape[1]) * scaling  # [M, N]
+    return (h * coef[:, :, None]).astype(dtype)
 
 
 def mixture_grouped(x, lora_a, lora_b, scaling, indices, weights):
@@ -120,21 +125,44 @@ def mixture_grouped(x, lora_a, lora_b, scaling, indices, weights):
 def dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k: int, temperature, out_dtype=jnp.float32):
     """The whole `dense` layer delta with the gate matmul folded into x @ A, so x is read once.
 
-    The float32 gate is split into bfloat16 high and low parts (gate = hi + lo to ~16 mantissa bits)
-    that ride in the same low-precision matmul as A, with float32 accumulation. Returns (delta [M, O]
-    in out_dtype, gate logits [M, N] float32, indices [M, K]). For bf16/f16 x; float32 x gains nothing.
+    Returns (delta [M, O] in out_dtype, gate logits [M, N] float32, indices [M, K]). For bf16/f16 x
+    (see `_fold_gate_into_shrink`); float32 x gains nothing.
     """
+    h, logits = _fold_gate_into_shrink(x, gate.astype(jnp.float32), lora_a.astype(x.dtype))
+    indices, mix = route(logits, top_k, temperature)
+    delta = _mix_all_adapters(h, lora_b, scaling.astype(jnp.float32), indices, mix, x.dtype, out_dtype)
+    return delta, logits, indices
+
+
+@jax.custom_vjp
+def _fold_gate_into_shrink(x, gate, lora_a):
+    """(every adapter's x A [M, N, R], gate logits [M, N]), both float32, from one 16-bit matmul of x with
+    [A | gate_hi | gate_lo]: the float32 gate split into 16-bit high and low parts (gate = hi + lo to ~16
+    mantissa bits) with float32 accumulation. Gradients are float32 products (without the custom VJP the
+    gate's would be rounded to 16 bits)."""
     m, i = x.shape
     n, _, r = lora_a.shape
     hi = gate.astype(x.dtype)
     lo = (gate - hi.astype(jnp.float32)).astype(x.dtype)
-    weights = jnp.concatenate([jnp.swapaxes(lora_a, 0, 1).reshape(i, n * r).astype(x.dtype), hi, lo], axis=1)
+    weights = jnp.concatenate([jnp.swapaxes(lora_a, 0, 1).reshape(i, n * r), hi, lo], axis=1)
     both = jnp.dot(x, weights, preferred_element_type=jnp.float32)  # [M, N*R + 2N]
-    logits = both[:, n * r : n * r + n] + both[:, n * r + n :]
-    indices, mix = route(logits, top_k, temperature)
-    h = both[:, : n * r].reshape(m, n, r)
-    delta = _mix_all_adapters(h, lora_b, scaling.astype(jnp.float32), indices, mix, x.dtype, out_dtype)
-    return delta, logits, indices
+    return both[:, : n * r].reshape(m, n, r), both[:, n * r : n * r + n] + both[:, n * r + n :]
+
+
+def _fold_forward(x, gate, lora_a):
+    return _fold_gate_into_shrink(x, gate, lora_a), (x, gate, lora_a)
+
+
+def _fold_backward(residuals, cotangents):
+    x, gate, lora_a = residuals
+    dh, dlogits = cotangents
+    x32 = x.astype(jnp.float32)
+    dx = jnp.einsum("MNR,NIR->MI", dh, lora_a.astype(jnp.float32)) + jnp.dot(dlogits, gate.T)
+    da = jnp.einsum("MI,MNR->NIR", x32, dh)
+    return dx.astype(x.dtype), jnp.dot(x32.T, dlogits), da.astype(lora_a.dtype)
+
+
+_fold_gate_into_shrink.defvjp(_fold_forward, _fold_backward)
 
 
 def compute_gate_logits(x, gate) -> jax.Array:
@@ -178,7 +206,9 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
     """The layer with its own gate routing: (y + delta in y's dtype, gate logits [M, N] float32, indices [M, K]).
 
     x [M, I], y [M, O] the base output. Each strategy takes its fastest whole-layer form: bf16 `dense`
-    folds the gate into x @ A; `pallas` on few tokens runs gate, routing and mixture in its decode kernels.
+    folds the gate into x @ A; `pallas` on few tokens runs gate, routing and mixture in its decode kernels,
+    on more tokens adds into y in place: with the dense expand kernel while N r <= DENSE_MAX_TOTAL_RANK,
+    else with the grouped (SGMV) kernels.
     """
     if x.shape[0] == 0:
         return y, jnp.zeros((0, lora_a.shape[0]), jnp.float32), jnp.zeros((0, top_k), jnp.int32)
@@ -195,6 +225,8 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
         y, logits, indices, _ = decode_layer(x, gate, y, lora_a, lora_b, scaling, top_k=top_k,
                                              temperature=temperature, interpret=jax.default_backend() != "gpu")
         return y, logits, indices
+    if strategy == "pallas" and lora_a.shape[0] * lora_a.shape[-1] <= DENSE_MAX_TOTAL_RANK:
+        return _pallas_dense_expand(x, y, gate, lora_a, lora_b, scaling, top_k, temperature)
     logits = compute_gate_logits(x, gate)
     indices, weights = route(logits, top_k, temperature)
     if strategy == "pallas":
@@ -203,6 +235,25 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
         return mixture_pallas_add(x, lora_a, lora_b, scaling, indices, weights, y), logits, indices
     delta = lora_mixture(x, lora_a, lora_b, scaling, indices, weights, strategy)
     return y + delta.astype(y.dtype), logits, indices
+
+
+def _pallas_dense_expand(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature):
+    """`pallas` prefill while N r is small: x A for every adapter (with the gate folded in for 16-bit x), then
+    the routed product added into y in place by meteora_jax/pallas/dense_expand.py."""
+    from meteora_jax.pallas.dense_expand import dense_expand_add  # Pallas imports stay off the default path
+
+    m = x.shape[0]
+    n, i, r = lora_a.shape
+    if jnp.dtype(x.dtype).itemsize == 2:
+        h, logits = _fold_gate_into_shrink(x, gate.astype(jnp.float32), lora_a.astype(x.dtype))
+    else:
+        logits = compute_gate_logits(x, gate)
+        h = jnp.einsum("MI,NIR->MNR", x, lora_a.astype(x.dtype), preferred_element_type=jnp.float32)
+    indices, weights = route(logits, top_k, temperature)
+    routed = _scale_by_routing(h, scaling.astype(jnp.float32), indices, weights, x.dtype).reshape(m, n * r)
+    y = dense_expand_add(routed, lora_b.astype(x.dtype).reshape(n * r, -1), y,
+                         interpret=jax.default_backend() != "gpu")
+    return y, logits, indices
 
 
 def _fits_decode_kernels(tokens: int, num_adapters: int, rank: int) -> bool:
