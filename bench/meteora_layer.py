@@ -10,8 +10,9 @@ A variant's time is the median over samples; one sample is R calls dispatched ba
 of <= 256 tokens run as one program of 32 layer calls, each with its own weights (as the layers of a
 model's decode step: weights come from device memory, not L2) and each fed by the last, with no host
 dispatch between them; their median_ms is divided down to one layer call, their samples_ms are not. For
-these the profiler's kernel time per call (the device's busy time, without the launch gaps between
-kernels that dominate the wall time of a few-token layer) is recorded too. Temporary memory is the
+every case the profiler's kernel time per call is recorded too: the device's busy time, without the
+launch gaps between kernels that dominate the wall time of a few-token layer, and without the host's
+dispatch jitter that puts outliers into the wall-time samples of large ones. Temporary memory is the
 compiled executable's temp_size_in_bytes. Variants whose compiled temporaries exceed 60 GB are skipped;
 out-of-memory at run time is recorded as "oom".
 
@@ -283,8 +284,7 @@ def measure_variant(variant: str, inputs: Sequence[tuple], plan: Plan) -> dict[s
             return {**result, "status": f"skipped: {result['temp_bytes'] / 1e9:.1f} GB of temporaries"}
         timing = time_compiled(compiled, inputs, plan)
         timing["median_ms"] /= repeats
-        if repeats > 1:
-            timing["kernel_ms"] = kernel_ms_per_call(compiled, inputs[0], repeats)
+        timing["kernel_ms"] = kernel_ms_per_call(compiled, inputs[0], repeats)
         return {**result, **timing, "repeats_in_program": repeats, "status": "ok"}
     except Exception as error:  # noqa: BLE001 -- one failing variant must not cost the rest of a GPU run
         first_line = (str(error).splitlines() or [type(error).__name__])[0]
@@ -314,6 +314,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     xla_kernel_times = [by_variant[s]["kernel_ms"] for s in XLA_STRATEGIES if by_variant.get(s, {}).get("kernel_ms")]
     for row in rows:
         row["time_vs_base"] = ratio(row.get("median_ms"), base.get("median_ms"))
+        row["kernel_vs_base"] = ratio(row.get("kernel_ms"), base.get("kernel_ms"))
         row["time_vs_best_xla"] = ratio(row.get("median_ms"), min(xla_times, default=None))
         row["time_vs_lora"] = ratio(row.get("median_ms"), lora.get("median_ms"))
         row["temp_vs_lora"] = ratio(row.get("temp_bytes"), lora.get("temp_bytes"))
@@ -369,10 +370,14 @@ def best_strategy(case_rows: dict[str, dict[str, Any]], key: str = "median_ms") 
 def target_checks(rows: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
     checks = []
     if plan.prefill in plan.cases:
-        best = best_strategy(rows_of(rows, plan.prefill))
+        prefill_rows = rows_of(rows, plan.prefill)
+        best, by_kernel_time = best_strategy(prefill_rows), best_strategy(prefill_rows, key="kernel_ms")
         name = f"prefill {plan.prefill.shape} N={plan.prefill.adapters} T={plan.prefill.tokens}"
-        checks.append(check(f"{name} time", best, "time_vs_lora", TARGETS["prefill_time"]))
-        checks.append(check(f"{name} temp", best, "temp_vs_lora", TARGETS["prefill_temp"]))
+        checks.append(check(f"{name} kernel time", by_kernel_time, "kernel_vs_lora", TARGETS["prefill_time"]))
+        checks.append(check(f"{name} wall time", best, "time_vs_lora", TARGETS["prefill_time"]))
+        checks.append(check(f"{name} temp of the fastest by wall time", best, "temp_vs_lora", TARGETS["prefill_temp"]))
+        checks.append(check(f"{name} temp of the fastest by kernel time", by_kernel_time, "temp_vs_lora",
+                            TARGETS["prefill_temp"]))
     for case in plan.cases:
         case_rows = rows_of(rows, case)
         best, kernel = best_strategy(case_rows), case_rows.get("pallas")
@@ -390,7 +395,10 @@ def target_checks(rows: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]
                                 "kernel_vs_best_xla" if measure == "kernel time" else "time_vs_best_xla",
                                 1 / TARGETS["kernel_speed_vs_xla"]))
         if case.adapters >= plan.many_adapters and case.tokens >= plan.prefill_min_tokens:
-            checks.append(check(f"prefill {name} time / base", best, "time_vs_base", TARGETS["many_adapters_vs_base"]))
+            checks.append(check(f"prefill {name} kernel time / base", by_kernel_time, "kernel_vs_base",
+                                TARGETS["many_adapters_vs_base"]))
+            checks.append(check(f"prefill {name} wall time / base", best, "time_vs_base",
+                                TARGETS["many_adapters_vs_base"]))
         if case.adapters == plan.decode_many_adapters and decode:
             checks.append(check(f"decode {name} kernel time / lora", by_kernel_time, "kernel_vs_lora",
                                 TARGETS["many_adapters_decode"]))

@@ -1,8 +1,8 @@
-"""Block-size sweep of the Pallas MeteoRA kernels on the GPU, beside XLA's `dense` and `bmm` mixtures.
+"""Block-size sweep of the Pallas gather kernel (few tokens) on the GPU, beside XLA's `dense` and `bmm` mixtures.
 
 Times the mixture alone (no base matmul, no routing): delta = sum_j coef * (x A_j) B_j, bf16, r = 8,
 k = 2, 4096 -> 4096. Each timing is the median of several samples of back-to-back calls inside one
-program (few-token cases) or across calls (large cases).
+program. The prefill kernels have their own sweep, segment_tuning.py.
 
 Usage: python bench/pallas_tuning.py [--out FILE] [--smoke]
 """
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from result_path import default_result_path  # noqa: E402
 
 from meteora_jax.lora_mixture import lora_mixture, route  # noqa: E402
-from meteora_jax.pallas import GatherBlockSizes, SegmentBlockSizes, lora_gather, lora_segment  # noqa: E402
+from meteora_jax.pallas import GatherBlockSizes, lora_gather  # noqa: E402
 
 RANK, TOP_K = 8, 2
 
@@ -70,45 +70,33 @@ def main(argv=None) -> int:
     interpret = jax.default_backend() != "gpu"
     features = 64 if args.smoke else 4096
     cases = [(1, 28), (16, 28), (16, 1024)] if not args.smoke else [(1, 4)]
-    prefill = [(16384, 28), (16384, 1024), (4096, 256)] if not args.smoke else [(64, 4)]
     rows = []
 
     def record(kind, tokens, adapters, config, ms):
         rows.append({"kind": kind, "tokens": tokens, "adapters": adapters, "config": config, "ms": ms})
         print(f"{kind:8s} T={tokens:5d} N={adapters:4d} {config:40s} {ms:.4f} ms", flush=True)
 
-    for tokens, adapters in cases + prefill:
+    for tokens, adapters in cases:
         x, a, b, indices, weights = problem(tokens, adapters, features)
         coef = weights * 2.0
-        repeats = 50 if tokens <= 256 else 1
+        repeats = 50
         scaling = jnp.full((adapters,), 2.0, jnp.float32)
         for strategy in ("dense", "bmm"):
             fn = lambda x, a, b, i, w, s=strategy: lora_mixture(x, a, b, scaling, i, w, s)  # noqa: E731
             record(strategy, tokens, adapters, "-", median_ms(fn, (x, a, b, indices, weights), repeats))
-        if tokens <= 16:
-            for bi, bo, warps in itertools.product((128, 256, 512, 1024), (64, 128, 256), (4, 8)):
-                blocks = GatherBlockSizes(block_in=bi, block_out=bo, num_warps=warps)
-                fn = lambda x, a, b, i, c, bl=blocks: lora_gather(x, a, b, i, c, blocks=bl, interpret=interpret)  # noqa: E731
-                record("gather", tokens, adapters, str(blocks), median_ms(fn, (x, a, b, indices, coef), repeats))
-        else:
-            for bt, bi, bo, warps in itertools.product((64, 128), (64, 128, 256), (64, 128, 256), (4,)):
-                blocks = SegmentBlockSizes(block_tokens=bt, block_in=bi, block_out=bo, num_warps=warps)
-                fn = lambda x, a, b, i, c, bl=blocks: lora_segment(x, a, b, i, c, blocks=bl, interpret=interpret)  # noqa: E731
-                try:
-                    ms = median_ms(fn, (x, a, b, indices, coef), repeats)
-                except Exception as error:  # noqa: BLE001 -- a config that fails to compile is skipped
-                    print(f"segment {blocks}: {str(error).splitlines()[0][:120]}", flush=True)
-                    continue
-                record("segment", tokens, adapters, str(blocks), ms)
+        for bi, bo, warps in itertools.product((128, 256, 512, 1024), (64, 128, 256), (4, 8)):
+            blocks = GatherBlockSizes(block_in=bi, block_out=bo, num_warps=warps)
+            fn = lambda x, a, b, i, c, bl=blocks: lora_gather(x, a, b, i, c, blocks=bl, interpret=interpret)  # noqa: E731
+            record("gather", tokens, adapters, str(blocks), median_ms(fn, (x, a, b, indices, coef), repeats))
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}
     out = args.out or default_result_path("pallas_tuning.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print("\n| kind | T | N | best config | ms | dense ms | bmm ms |\n|---|---|---|---|---|---|---|")
-    for (tokens, adapters) in cases + prefill:
+    for (tokens, adapters) in cases:
         mine = [r for r in rows if r["tokens"] == tokens and r["adapters"] == adapters]
-        best = min((r for r in mine if r["kind"] in ("gather", "segment")), key=lambda r: r["ms"])
+        best = min((r for r in mine if r["kind"] == "gather"), key=lambda r: r["ms"])
         xla = {r["kind"]: r["ms"] for r in mine if r["kind"] in ("dense", "bmm")}
         print(f"| {best['kind']} | {tokens} | {adapters} | {best['config']} | {best['ms']:.4f} | "
               f"{xla['dense']:.4f} | {xla['bmm']:.4f} |")

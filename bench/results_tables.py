@@ -85,12 +85,12 @@ def layer_section(runs: list[dict], title: str, method: str) -> list[str]:
 
 
 def kernel_time_table(rows: dict[tuple, dict], variants: list[str], strategies: list[str]) -> list[str]:
-    """Few-token cases: the profiler's kernel time per call (device busy time), where the run recorded it."""
+    """The profiler's kernel time per call (device busy time), where the run recorded it."""
     timed = {key: case for key, case in rows.items() if case.get("lora", {}).get("kernel_ms")}
     if not timed:
         return []
-    lines = ["Device (kernel) time per call of the few-token cases, us, from the profiler (wall time above also "
-             "counts the launch gaps between kernels):\n",
+    lines = ["Device (kernel) time per call, us, from the profiler (wall time above also counts the launch gaps "
+             "between kernels and, for large cases, the host's dispatch jitter):\n",
              "| in->out | N | T | " + " | ".join(f"{v} us" for v in variants) + " | best | best / lora |",
              "|---|---:|---:|" + "---:|" * len(variants) + "---|---:|"]
     for (i, o, n, t), case in timed.items():
@@ -131,19 +131,41 @@ def decode_tuning_section(run: dict) -> list[str]:
 
 def tuning_section(run: dict) -> list[str]:
     lines = [
-        "## Pallas block-size sweep (`pallas_tuning.py`)\n",
+        "## Pallas gather-kernel block sizes (`pallas_tuning.py`)\n",
         f"Date {run['date'][:10]}; {run['device']}; jax {run['jax']}. The mixture alone (no base matmul, no "
-        "routing), 4096 -> 4096, bf16, r = 8, k = 2; best kernel configuration beside XLA's dense and bmm forms.\n",
+        "routing), 4096 -> 4096, bf16, r = 8, k = 2; best kernel configuration beside XLA's dense and bmm forms. "
+        "(The JSON also holds that run's rows of the first, single-kernel prefill form, since replaced.)\n",
         "| kernel | T | N | best configuration | kernel ms | dense ms | bmm ms |",
         "|---|---:|---:|---|---:|---:|---:|",
     ]
-    cases = sorted({(r["tokens"], r["adapters"]) for r in run["rows"]})
+    cases = sorted({(r["tokens"], r["adapters"]) for r in run["rows"] if r["kind"] == "gather"})
     for tokens, adapters in cases:
         mine = [r for r in run["rows"] if (r["tokens"], r["adapters"]) == (tokens, adapters)]
-        best = min((r for r in mine if r["kind"] in ("gather", "segment")), key=lambda r: r["ms"])
+        best = min((r for r in mine if r["kind"] == "gather"), key=lambda r: r["ms"])
         xla = {r["kind"]: r["ms"] for r in mine if r["kind"] in ("dense", "bmm")}
         lines.append(f"| {best['kind']} | {tokens} | {adapters} | `{best['config']}` | {best['ms']:.4f} | "
                      f"{xla['dense']:.4f} | {xla['bmm']:.4f} |")
+    return lines + [""]
+
+
+def segment_tuning_section(run: dict) -> list[str]:
+    lines = [
+        "## Pallas prefill-kernel block sizes (`segment_tuning.py`)\n",
+        f"Date {run['date'][:10]}; {run['device']}; jax {run['versions']['jax']}. The grouped (SGMV) mixture alone as "
+        "the layer runs it (shrink + expand added into y in place, grouping in XLA), 4096 -> 4096, bf16, r = 8, "
+        "k = 2, random routing; profiler kernel time per call, us. `other` is the grouping's sort and scatters plus "
+        "a 128 MB copy of y (y is not donated here; in the layer it is the base matmul's output, so no copy).\n",
+        "| T | N | best configuration | total | shrink | expand | other | XLA dense | XLA bmm |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for tokens, adapters in sorted({(r["tokens"], r["adapters"]) for r in run["rows"]}, key=lambda c: c[1]):
+        mine = [r for r in run["rows"] if (r["tokens"], r["adapters"]) == (tokens, adapters)]
+        xla = {r["kind"]: r["us"]["total"] for r in mine if r["kind"] != "segment"}
+        best = min((r for r in mine if r["kind"] == "segment"), key=lambda r: r["us"]["total"])
+        config = ", ".join(f"{k}={v}" for k, v in best["config"].items())
+        us = best["us"]
+        lines.append(f"| {tokens} | {adapters} | {config} | {us['total']:.0f} | {us['shrink']:.0f} | "
+                     f"{us['expand']:.0f} | {us['other']:.0f} | {xla['dense']:.0f} | {xla['bmm']:.0f} |")
     return lines + [""]
 
 
@@ -185,6 +207,7 @@ def main() -> None:
     lines += layer_section([load("meteora_layer_fori_loop.json")],
                            "MeteoRA layer, previous run (`dense_fused` is today's `dense`)", "fori_loop")
     lines += decode_tuning_section(load("decode_tuning.json"))
+    lines += segment_tuning_section(load("segment_tuning.json"))
     lines += tuning_section(load("pallas_tuning.json"))
     lines += pipeline_section(load("train_pipeline.json"))
     (HERE / "RESULTS.md").write_text("\n".join(lines))

@@ -68,9 +68,10 @@ def kernel_us(fn, args) -> dict[str, float | dict[str, float]]:
 def configs(smoke: bool) -> list[SegmentBlockSizes]:
     if smoke:
         return [SegmentBlockSizes(block_tokens=bt, block_in=16, span_in=32, block_out=16) for bt in (16, None)]
-    sweep = [SegmentBlockSizes(block_out=bo, num_warps=warps)
-             for bo, warps in itertools.product((64, 128, 256), (2, 4))]
-    extra = (SegmentBlockSizes(block_in=128), SegmentBlockSizes(num_stages=3), SegmentBlockSizes(block_tokens=32))
+    sweep = [SegmentBlockSizes(block_tokens=bt, block_in=bi, block_out=bo)
+             for bt, bi, bo in itertools.product((None, 16, 32, 64), (64, 128), (64, 128))]
+    extra = (SegmentBlockSizes(num_stages=3), SegmentBlockSizes(num_warps=8), SegmentBlockSizes(span_in=512),
+             SegmentBlockSizes(num_warps=2))
     return sweep + list(extra)
 
 
