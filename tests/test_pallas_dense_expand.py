@@ -85,8 +85,8 @@ def test_gated_pallas_prefill_matches_loop_with_gradients(kernel, dtype, monkeyp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="full-size kernel tests need a GPU")
-@pytest.mark.parametrize("tokens", [17, 4096])
-def test_full_size_on_gpu(tokens):
-    h, b, y = operands(tokens, 224, 4096, "bfloat16", seed=tokens)
+@pytest.mark.parametrize("tokens, out", [(17, 4096), (4096, 4096), (37, 30)])  # the last overhangs both edges
+def test_full_size_on_gpu(tokens, out):
+    h, b, y = operands(tokens, 224, out, "bfloat16", seed=tokens)
     ref = dense_expand_reference(*(v.astype(jnp.float32) for v in (h, b, y)))
     assert rel_error(dense_expand_add(h, b, y), ref) < 1e-2
