@@ -128,8 +128,8 @@ def mixture_grouped(x, lora_a, lora_b, scaling, indices, weights):
 def dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k: int, temperature, out_dtype=jnp.float32):
     """The whole `dense` layer delta with the gate matmul folded into x @ A, so x is read once.
 
-    Returns (delta [M, O] in out_dtype, gate logits [M, N] float32, indices [M, K]). For bf16/f16 x
-    (see `_fold_gate_into_shrink`); float32 x gains nothing.
+    Returns (delta [M, O] in out_dtype, gate logits [M, N] float32, indices [M, K]). For bfloat16 x
+    (see `_fold_gate_into_shrink`).
     """
     h, logits = _fold_gate_into_shrink(x, gate.astype(jnp.float32), lora_a.astype(x.dtype))
     indices, mix = route(logits, top_k, temperature)
@@ -139,14 +139,12 @@ def dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k: int, temperature, o
 
 @jax.custom_vjp
 def _fold_gate_into_shrink(x, gate, lora_a):
-    """(every adapter's x A [M, N, R], gate logits [M, N]), both float32, from one 16-bit matmul of x with
-    [A | gate_hi | gate_lo]: the float32 gate split into 16-bit high and low parts (gate = hi + lo to ~16
-    mantissa bits) with float32 accumulation. Gradients are float32 products (without the custom VJP the
-    gate's would be rounded to 16 bits)."""
+    """(every adapter's x A [M, N, R], gate logits [M, N]), both float32, from one bfloat16 matmul of x with
+    [A | gate_hi | gate_lo] (`split_in_two`) with float32 accumulation. Gradients are float32 products
+    (without the custom VJP the gate's would be rounded to bfloat16)."""
     m, i = x.shape
     n, _, r = lora_a.shape
-    hi = gate.astype(x.dtype)
-    lo = (gate - hi.astype(jnp.float32)).astype(x.dtype)
+    hi, lo = split_in_two(gate)
     weights = jnp.concatenate([jnp.swapaxes(lora_a, 0, 1).reshape(i, n * r), hi, lo], axis=1)
     both = jnp.dot(x, weights, preferred_element_type=jnp.float32)  # [M, N*R + 2N]
     return both[:, : n * r].reshape(m, n, r), both[:, n * r : n * r + n] + both[:, n * r + n :]
@@ -168,27 +166,38 @@ def _fold_backward(residuals, cotangents):
 _fold_gate_into_shrink.defvjp(_fold_forward, _fold_backward)
 
 
+def split_in_two(value):
+    """(hi, lo) in bfloat16 with hi + lo = float32 `value` to ~16 mantissa bits (bfloat16 shares float32's
+    exponent range, so lo never underflows where float16's would).
+
+    hi keeps value's top 16 bits by masking the rest (exact in bfloat16) instead of a float32 -> bfloat16
+    -> float32 cast pair: XLA on GPU, which allows excess precision by default, folds such a pair back to
+    the original value, and lo would come out zero (gate logits with bfloat16 weights)."""
+    bits = jax.lax.bitcast_convert_type(value.astype(jnp.float32), jnp.uint32)
+    top = jax.lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), jnp.float32)
+    return top.astype(jnp.bfloat16), (value - top).astype(jnp.bfloat16)
+
+
 def compute_gate_logits(x, gate) -> jax.Array:
-    """x @ gate in float32, [M, N]. For bf16/f16 x see `_split_gate_logits`. Below GATE_MIN_ROWS tokens XLA
+    """x @ gate in float32, [M, N]. For bfloat16 x see `_split_gate_logits`. Below GATE_MIN_ROWS tokens XLA
     lowers the dot to a multiply and a reduction that cost 2-3x a matrix product on an H100 (bench/NOTES.md);
     zero rows keep it a product."""
     m = x.shape[0]
     if m < GATE_MIN_ROWS:
         x = jnp.concatenate([x, jnp.zeros((GATE_MIN_ROWS - m, x.shape[1]), x.dtype)])
-    if jnp.dtype(x.dtype).itemsize == 2:
+    if x.dtype == jnp.bfloat16:
         return _split_gate_logits(x, gate.astype(jnp.float32))[:m]
     return jnp.dot(x.astype(jnp.float32), gate.astype(jnp.float32))[:m]
 
 
 @jax.custom_vjp
 def _split_gate_logits(x, gate):
-    """x (16-bit) @ gate (float32): the gate rides as two 16-bit parts (hi + lo, ~16 mantissa bits) in one
+    """x (bfloat16) @ gate (float32): the gate rides as two bfloat16 parts (`split_in_two`) in one
     tensor-core matmul with float32 accumulation, as in `dense_with_gate`: no float32 copy of x, and a
     fraction of a float32 matmul's time at large N (bench/NOTES.md). Gradients are float32 products, as
-    the plain float32 matmul's (without the custom VJP the gate's would be rounded to 16 bits)."""
+    the plain float32 matmul's (without the custom VJP the gate's would be rounded to bfloat16)."""
     n = gate.shape[1]
-    hi = gate.astype(x.dtype)
-    lo = (gate - hi.astype(jnp.float32)).astype(x.dtype)
+    hi, lo = split_in_two(gate)
     parts = jnp.dot(x, jnp.concatenate([hi, lo], axis=1), preferred_element_type=jnp.float32)
     return parts[:, :n] + parts[:, n:]
 
@@ -217,7 +226,7 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
         return y, jnp.zeros((0, lora_a.shape[0]), jnp.float32), jnp.zeros((0, top_k), jnp.int32)
     if strategy == "auto":
         strategy = pick_strategy(lora_a.shape[0], lora_a.shape[-1], x.shape[0])
-    if strategy == "dense" and jnp.dtype(x.dtype).itemsize == 2:
+    if strategy == "dense" and x.dtype == jnp.bfloat16:
         # The delta in y's dtype straight from the matmul: y + delta then becomes the matmul's epilogue
         # (cuBLAS's C operand) instead of a separate pass over [M, O] (bench/NOTES.md).
         delta, logits, indices = dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k, temperature, y.dtype)
@@ -247,7 +256,7 @@ def _pallas_dense_expand(x, y, gate, lora_a, lora_b, scaling, top_k: int, temper
 
     m = x.shape[0]
     n, i, r = lora_a.shape
-    if jnp.dtype(x.dtype).itemsize == 2:
+    if x.dtype == jnp.bfloat16:
         h, logits = _fold_gate_into_shrink(x, gate.astype(jnp.float32), lora_a.astype(x.dtype))
     else:
         logits = compute_gate_logits(x, gate)

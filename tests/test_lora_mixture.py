@@ -135,3 +135,30 @@ def test_16_bit_gate_logits_and_their_gradients_match_float32(m):
     assert ours[0].dtype == jnp.bfloat16 and ours[1].dtype == jnp.float32
     assert rel_error(ours[0], ref[0]) < 1e-2
     assert rel_error(ours[1], ref[1]) < 1e-6  # float32, not rounded to the input's 16 bits
+
+
+def test_split_in_two_keeps_16_mantissa_bits():
+    from meteora_jax.lora_mixture import split_in_two
+
+    value = jnp.asarray(np.random.default_rng(0).standard_normal(1000) * 0.05, jnp.float32)
+    hi, lo = split_in_two(value)
+    assert hi.dtype == lo.dtype == jnp.bfloat16
+    hi32, lo32 = hi.astype(jnp.float32), lo.astype(jnp.float32)
+    assert float(jnp.max(jnp.abs(hi32 + lo32 - value) / jnp.abs(value))) < 2.0**-15
+    assert float(jnp.max(jnp.abs(hi32 - value) / jnp.abs(value))) < 2.0**-7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="checks XLA's GPU compilation of the split")
+def test_16_bit_gate_logits_stay_float32_accurate_when_compiled_for_the_gpu():
+    from meteora_jax.lora_mixture import compute_gate_logits, dense_with_gate
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((256, 4096)), jnp.bfloat16)
+    gate = jnp.asarray(rng.standard_normal((4096, 28)) * 4096**-0.5, jnp.float32)
+    a = jnp.asarray(rng.standard_normal((28, 4096, 8)) * 4096**-0.5, jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((28, 8, 64)), jnp.bfloat16)
+    exact = jnp.dot(x.astype(jnp.float32), gate, precision=jax.lax.Precision.HIGHEST)
+    assert rel_error(jax.jit(compute_gate_logits)(x, gate), exact) < 1e-4
+    folded = jax.jit(dense_with_gate, static_argnums=(5,))(x, gate, a, b, jnp.ones(28), 2, 1.0)[1]
+    assert rel_error(folded, exact) < 1e-4
