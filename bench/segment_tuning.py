@@ -26,23 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meteora_layer import environment  # noqa: E402
+from pallas_tuning import problem as mixture_problem  # noqa: E402
 from profile_events import traced_kernel_events  # noqa: E402
 from result_path import default_result_path  # noqa: E402
 
-from meteora_jax.lora_mixture import lora_mixture, route  # noqa: E402
+from meteora_jax.lora_mixture import lora_mixture  # noqa: E402
 from meteora_jax.pallas import SegmentBlockSizes, lora_segment_add  # noqa: E402
 
-RANK, TOP_K, SCALING = 8, 2, 2.0
+SCALING = 2.0
 CALLS = 5
 
 
-def problem(tokens, adapters, features, seed=0):
-    k = jax.random.split(jax.random.key(seed), 5)
-    x = jax.random.normal(k[0], (tokens, features), jnp.bfloat16)
-    a = (jax.random.normal(k[1], (adapters, features, RANK)) * features**-0.5).astype(jnp.bfloat16)
-    b = (jax.random.normal(k[2], (adapters, RANK, features)) * RANK**-0.5).astype(jnp.bfloat16)
-    indices, weights = route(jax.random.normal(k[3], (tokens, adapters)), TOP_K, 1.0)
-    y = jax.random.normal(k[4], (tokens, features), jnp.bfloat16)
+def problem(tokens, adapters, features):
+    """pallas_tuning's mixture problem, the coefficients scaled, and a base output y to add into."""
+    x, a, b, indices, weights = mixture_problem(tokens, adapters, features)
+    y = jax.random.normal(jax.random.key(1), (tokens, features), jnp.bfloat16)
     return x, a, b, indices, weights * SCALING, y
 
 
