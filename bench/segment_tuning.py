@@ -102,8 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as error:  # noqa: BLE001 -- a configuration that fails to compile is skipped
                 print(f"{blocks}: {str(error).splitlines()[0][:160]}", flush=True)
                 continue
-            config = {f: getattr(blocks, f) for f in blocks.__dataclass_fields__}
-            config["block_tokens"] = config["block_tokens"] or f"rule: {blocks.resolve(tokens, adapters).block_tokens}"
+            resolved = blocks.resolve(tokens, adapters)
+            config = {f: getattr(resolved, f) if getattr(blocks, f) is not None else f"rule: {getattr(resolved, f)}"
+                      for f in blocks.__dataclass_fields__}
             rows.append({"kind": "segment", "tokens": tokens, "adapters": adapters, "config": config, "us": us})
             print(f"T={tokens} N={adapters} {blocks}: {us['total']:.1f} us "
                   f"(shrink {us['shrink']:.1f}, expand {us['expand']:.1f}, other {us['other']:.1f})", flush=True)
