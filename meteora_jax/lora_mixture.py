@@ -24,9 +24,6 @@ ARGMAX_TOP_K = 4
 PALLAS_DECODE_MAX_TOKENS = 16
 PALLAS_DECODE_MAX_ADAPTERS = 1024
 PALLAS_MAX_RANK = 128
-# From this many tokens `auto` on a GPU takes the Pallas dense expand for few adapters (see pick_strategy):
-# it tied or beat dense at 4096 and 16384 tokens; at 256 dense was 5-20% faster.
-PALLAS_DENSE_EXPAND_MIN_TOKENS = 4096
 # The gate matmul pads fewer tokens to this many rows (see compute_gate_logits).
 GATE_MIN_ROWS = 8
 
@@ -277,21 +274,16 @@ def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None) -> st
     """The `auto` choice, from the crossovers measured on an H100 (bench/NOTES.md).
 
     Mixtures alone (`tokens` None, e.g. forced routing): dense while N * r <= DENSE_MAX_TOTAL_RANK,
-    else bmm. The gated layer (`tokens` given) on a GPU: within the decode kernels' limits the Pallas
-    decode kernels, which took the least device (kernel) time at 1 and 16 tokens for every N measured;
-    from PALLAS_DENSE_EXPAND_MIN_TOKENS tokens while N * r <= DENSE_MAX_TOTAL_RANK the Pallas dense
-    expand, as fast as dense there (within 2%, faster at 4096 -> 14336) with a fraction of its
-    temporaries (0.1-0.4x a LoRA's instead of 1.0-2.0x). The grouped kernels for more adapters beat
-    bmm only at N = 1024, T = 16384 (by 10%), so bmm stays the choice there.
+    else bmm. The gated layer (`tokens` given) on a GPU, within the decode kernels' limits: the Pallas
+    decode kernels, which took the least device (kernel) time at 1 and 16 tokens for every N measured.
+    Prefill stays in XLA: the Pallas dense expand ties dense's forward time with a fraction of its
+    temporaries, but gate training through it on the H100 has not been timed yet (a first smoke run
+    compiled its first step in ~160 s and had not finished a second within 50 s; bench/NOTES.md), so
+    choose strategy "pallas" explicitly for long-prompt inference.
     """
-    on_gpu = jax.default_backend() == "gpu"
-    few_adapters = num_adapters * rank <= DENSE_MAX_TOTAL_RANK
-    if tokens is not None and on_gpu:
-        if _fits_decode_kernels(tokens, num_adapters, rank):
-            return "pallas"
-        if few_adapters and tokens >= PALLAS_DENSE_EXPAND_MIN_TOKENS:
-            return "pallas"
-    return "dense" if few_adapters else "bmm"
+    if tokens is not None and _fits_decode_kernels(tokens, num_adapters, rank) and jax.default_backend() == "gpu":
+        return "pallas"
+    return "dense" if num_adapters * rank <= DENSE_MAX_TOTAL_RANK else "bmm"
 
 
 def mixture_pallas(x, lora_a, lora_b, scaling, indices, weights):
