@@ -277,9 +277,9 @@ def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None) -> st
     else bmm. The gated layer (`tokens` given) on a GPU, within the decode kernels' limits: the Pallas
     decode kernels, which took the least device (kernel) time at 1 and 16 tokens for every N measured.
     Prefill stays in XLA: the Pallas dense expand ties dense's forward time with a fraction of its
-    temporaries, but gate training through it on the H100 has not been timed yet (a first smoke run
-    compiled its first step in ~160 s and had not finished a second within 50 s; bench/NOTES.md), so
-    choose strategy "pallas" explicitly for long-prompt inference.
+    temporaries, but gate training through it on the H100 has not been timed yet (a smoke run was cut
+    short by a second compile of the step, since fixed; bench/NOTES.md), so choose strategy "pallas"
+    explicitly for long-prompt inference.
     """
     if tokens is not None and _fits_decode_kernels(tokens, num_adapters, rank) and jax.default_backend() == "gpu":
         return "pallas"

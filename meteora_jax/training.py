@@ -34,6 +34,13 @@ class TrainConfig:
     gate_loss_weight: float = 50.0  # lambda of the MeteoRA paper
 
 
+def committed(tree: Any) -> Any:
+    """`tree` placed on the default device. A jitted step's cache key includes whether each argument is
+    committed to a device: optax's fresh state is not, the step's outputs are, so without this the
+    second step compiles the whole step again (minutes with the Pallas kernels on a GPU)."""
+    return jax.device_put(tree, jax.devices()[0])
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate, warmup_steps=max(config.warmup_steps, 1),

@@ -1,6 +1,7 @@
 """train.gates and train.lora end to end on a tiny model with the SmolLM2 tokenizer and real peft adapters."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -115,6 +116,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(toy, capsys):
     assert "loss became" in err and "last good checkpoint is step" in err
     saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] < 6
+
+
+def test_the_step_compiles_once(toy, caplog, tmp_path):
+    # Uncommitted optimiser state on the first call once made the second step compile everything again.
+    root, _, data = toy
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert gates_main(gate_args(root, data, tmp_path / "run", "--steps", "3", "--save-every", "100",
+                                        "--eval-every", "100", "--max-length", "40")) == 0
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiles = [r for r in caplog.records if "Compiling jit(train_step)" in r.getMessage()]
+    assert len(compiles) == 1
 
 
 def test_existing_run_needs_resume(toy, capsys):

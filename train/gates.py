@@ -35,6 +35,7 @@ from meteora_jax.meteora_checkpoint import load_meteora, read_meteora, save_mete
 from meteora_jax.trainable import GATES, GATES_AND_ADAPTERS, merge_params, split_trainable
 from meteora_jax.training import (
     TrainConfig,
+    committed,
     gate_logits_by_layer,
     layer_gate_accuracy,
     make_optimizer,
@@ -157,6 +158,7 @@ def train(args, out: Path) -> int:
         start = manager.latest_step()
         state = manager.restore(start, args=ocp.args.StandardRestore({"trainable": trainable, "opt_state": opt_state}))
         trainable, opt_state = state["trainable"], state["opt_state"]
+    trainable, opt_state = committed((trainable, opt_state))
 
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "out")}
     settings_file = out / "run_settings.json"

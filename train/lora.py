@@ -36,7 +36,7 @@ from meteora_jax.model import LlamaForCausalLM
 from meteora_jax.peft_io import export_peft_adapter, put_bank
 from meteora_jax.routing import Routing
 from meteora_jax.trainable import merge_params, split_trainable
-from meteora_jax.training import TrainConfig, lm_loss, make_optimizer, peak_memory_bytes, step_summary
+from meteora_jax.training import TrainConfig, committed, lm_loss, make_optimizer, peak_memory_bytes, step_summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -114,7 +114,7 @@ def fit(base: LoadedModel, module, optimizer, arrays, targets, args) -> tuple[di
     """Trains one adapter on `arrays`; returns (its banks as numpy, a timing summary)."""
     params = init_adapter(base, targets, args.rank, args.alpha, args.seed)
     trainable, frozen = split_trainable(params, ("lora_a", "lora_b"))
-    opt_state = optimizer.init(trainable)
+    trainable, opt_state = committed((trainable, optimizer.init(trainable)))
     step_seconds, step_tokens = [], []
     stream = batch_stream(arrays, args.batch_size, args.seed)
     bar = tqdm(range(args.steps), desc="lora", unit="step")
