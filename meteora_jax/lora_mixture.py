@@ -247,12 +247,12 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
 
 
 def _pallas_dense_expand(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature):
-    """`pallas` prefill while N r is small: x A for every adapter (with the gate folded in for 16-bit x), then
+    """`pallas` prefill while N r is small: x A for every adapter (with the gate folded in for bfloat16 x), then
     the routed product added into y in place by meteora_jax/pallas/dense_expand.py."""
     from meteora_jax.pallas.dense_expand import dense_expand_add  # Pallas imports stay off the default path
 
     m = x.shape[0]
-    n, i, r = lora_a.shape
+    n, _, r = lora_a.shape
     if x.dtype == jnp.bfloat16:
         h, logits = _fold_gate_into_shrink(x, gate.astype(jnp.float32), lora_a.astype(x.dtype))
     else:
