@@ -85,6 +85,18 @@ def test_gated_pallas_prefill_matches_loop_with_gradients(kernel, dtype, monkeyp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="full-size kernel tests need a GPU")
+def test_repeated_edge_lanes_add_once_on_gpu():
+    # 65 tokens and 129 columns: the last tiles are 63 copies of one row and 127 of one column. Each copy
+    # stores the value its load saw plus the delta; a copy whose load ran after another's store (other
+    # warps) would add the delta twice. Repeated runs, fresh inputs each time.
+    for seed in range(20):
+        h, b, y = operands(65, 224, 129, "float32", seed=seed)
+        out = dense_expand_add(h, b, y)
+        np.testing.assert_allclose(out, dense_expand_reference(h, b, y), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="full-size kernel tests need a GPU")
 @pytest.mark.parametrize("tokens, out", [(17, 4096), (4096, 4096), (37, 30)])  # the last overhangs both edges
 def test_full_size_on_gpu(tokens, out):
     h, b, y = operands(tokens, 224, out, "bfloat16", seed=tokens)

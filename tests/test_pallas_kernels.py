@@ -14,6 +14,7 @@ from meteora_jax.pallas import (
     lora_gather_reference,
     lora_segment,
     lora_segment_add,
+    mixture_pallas_add,
 )
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -181,5 +182,7 @@ def test_segment_adds_into_the_base_output_in_place(dtype):
     assert out.dtype == y.dtype and out.shape == y.shape
     np.testing.assert_array_equal(np.asarray(y, np.float32), before)  # the caller's y is not consumed
     assert rel_error(np.asarray(out, np.float32) - before, delta) < TOLERANCE[dtype]
+    with pytest.raises(ValueError, match=r"y has shape \(1, 50\)"):  # the few-token path checks y too
+        mixture_pallas_add(x[:5], a, b, jnp.ones(5), indices[:5], coef[:5], y[:1], interpret=True)
     with pytest.raises(ValueError, match=r"y has shape \(37, 49\)"):
         lora_segment_add(x, a, b, indices, coef, y[:, :49], blocks=SMALL_SEGMENT, interpret=True)

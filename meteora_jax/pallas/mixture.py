@@ -62,6 +62,8 @@ def mixture_pallas(x, lora_a, lora_b, scaling, indices, weights, *, interpret: b
 def mixture_pallas_add(x, lora_a, lora_b, scaling, indices, weights, y, *, interpret: bool | None = None):
     """y + delta in y's dtype, y [M, O]: the prefill kernel adds into y in place, so no [M, O] float32
     delta is materialised (bench/NOTES.md); otherwise as `mixture_pallas`."""
+    if y.shape != (x.shape[0], lora_b.shape[-1]):
+        raise ValueError(f"y has shape {y.shape}; expected {(x.shape[0], lora_b.shape[-1])}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     if lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
