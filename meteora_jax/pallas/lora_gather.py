@@ -63,7 +63,10 @@ def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, out_ref, *, top_k, in_featur
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
 def lora_gather(x, lora_a, lora_b, indices, coef, *, blocks: GatherBlockSizes = GatherBlockSizes(),
                 interpret: bool = False):
-    """delta [M, O] float32 for x [M, I], lora_a [N, I, R], lora_b [N, R, O], indices / coef [M, K]."""
+    """delta [M, O] float32 for x [M, I], lora_a [N, I, R], lora_b [N, R, O], indices / coef [M, K].
+
+    indices must lie in [0, N) (as `route` gives them): traced values cannot be checked here, and an
+    index out of range reads or groups past the adapters."""
     blocks.check()
     m, in_features = x.shape
     n, _, rank = lora_a.shape

@@ -149,7 +149,10 @@ def _expand_kernel(rows_ref, coef_ref, block_adapter_ref, h_ref, b_ref, y_ref, o
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
 def lora_segment(x, lora_a, lora_b, indices, coef, *, blocks: SegmentBlockSizes = SegmentBlockSizes(),
                  interpret: bool = False):
-    """delta [M, O] float32 for x [M, I], lora_a [N, I, R], lora_b [N, R, O], indices / coef [M, K]."""
+    """delta [M, O] float32 for x [M, I], lora_a [N, I, R], lora_b [N, R, O], indices / coef [M, K].
+
+    indices must lie in [0, N) (as `route` gives them): traced values cannot be checked here, and an
+    index out of range reads or groups past the adapters."""
     y = jnp.zeros((x.shape[0], lora_b.shape[-1]), jnp.float32)
     return lora_segment_add(x, lora_a, lora_b, indices, coef, y, blocks=blocks, interpret=interpret)
 
