@@ -87,8 +87,16 @@ class MeteoraDense(nn.Module):
                 raise ValueError(f"force_adapter={routing.force_adapter} is not an adapter index (0..{n - 1})")
             return jnp.full((m, 1), routing.force_adapter, jnp.int32), jnp.ones((m, 1), jnp.float32)
         chosen = routing.assignment.reshape(m, 1).astype(jnp.int32)
-        # -1 means "no adapter": any index with weight 0 contributes nothing.
-        return jnp.maximum(chosen, 0), (chosen >= 0).astype(jnp.float32)
+        try:
+            top = int(chosen.max())
+        except jax.errors.ConcretizationTypeError:  # traced under jit: checked by masking below
+            top = -1
+        if top >= n:
+            raise ValueError(f"assignment holds adapter {top}; the adapter indices are 0..{n - 1}")
+        # -1 means "no adapter": any index with weight 0 contributes nothing. Under jit an index past the
+        # adapters (which cannot raise there) routes nowhere too, rather than reading past the stack.
+        valid = (chosen >= 0) & (chosen < n)
+        return jnp.where(valid, chosen, 0), valid.astype(jnp.float32)
 
 
 class AdapterBank(nn.Module):

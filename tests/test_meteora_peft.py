@@ -82,6 +82,12 @@ def test_per_token_assignment_and_adapters_off(setup, rng):
     all_zero, _ = loaded.module.apply({"params": loaded.params}, tokens,
                                       routing=Routing(assignment=np.zeros((1, 6), int)))
     assert rel_error(all_zero, peft_logits(hf, dirs["full"], tokens)) < F32_TOLERANCE
+    past = np.full((1, 6), len(ADAPTERS))
+    with pytest.raises(ValueError, match=f"assignment holds adapter {len(ADAPTERS)}; the adapter indices are"):
+        loaded.module.apply({"params": loaded.params}, tokens, routing=Routing(assignment=past))
+    jitted = jax.jit(lambda params, tokens, assignment: loaded.module.apply(
+        {"params": params}, tokens, routing=Routing(assignment=assignment))[0])
+    assert rel_error(jitted(loaded.params, tokens, past), base) < F32_TOLERANCE  # routes nowhere under jit
 
 
 @pytest.mark.parametrize("name", list(ADAPTERS))
