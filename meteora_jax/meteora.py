@@ -89,8 +89,8 @@ class MeteoraDense(nn.Module):
         chosen = routing.assignment.reshape(m, 1).astype(jnp.int32)
         try:
             top = int(chosen.max())
-        except jax.errors.ConcretizationTypeError:  # traced under jit: checked by masking below
-            top = -1
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):  # traced under jit
+            top = -1  # checked by the mask below
         if top >= n:
             raise ValueError(f"assignment holds adapter {top}; the adapter indices are 0..{n - 1}")
         # -1 means "no adapter": any index with weight 0 contributes nothing. Under jit an index past the
