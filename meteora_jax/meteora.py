@@ -88,7 +88,7 @@ class MeteoraDense(nn.Module):
             return jnp.full((m, 1), routing.force_adapter, jnp.int32), jnp.ones((m, 1), jnp.float32)
         chosen = routing.assignment.reshape(m, 1).astype(jnp.int32)
         try:
-            top = int(chosen.max())
+            top = int(chosen.max(initial=-1))
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):  # traced under jit
             top = -1  # checked by the mask below
         if top >= n:
