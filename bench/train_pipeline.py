@@ -8,7 +8,8 @@ Then writes JSON (time per step, tokens/s, peak device memory, held-out gate acc
 markdown table last.
 
 Usage: python bench/train_pipeline.py --base CKPT --bigbench DIR --work DIR [--tasks t1,t2,...]
-       [--lora-steps 100] [--gate-steps 200] [--batch-size 16] [--max-length 256] [--dtype bfloat16] [--out FILE]
+       [--lora-steps 100] [--gate-steps 200] [--batch-size 16] [--max-length 256] [--dtype bfloat16]
+       [--gate-strategy auto] [--out FILE]
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--gate-strategy", default="auto", help="MeteoRA forward strategy while the gates train")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     tasks = args.tasks.split(",")
@@ -70,7 +72,8 @@ def main(argv=None) -> int:
                            "--data", f"bigbench:{args.bigbench}", "--out", str(work / "gates"),
                            "--steps", str(args.gate_steps), "--lr", str(args.gate_lr),
                            "--eval-every", str(args.gate_steps), "--eval-rows", "256",
-                           "--save-every", str(args.gate_steps), "--task-balanced", *common])
+                           "--save-every", str(args.gate_steps), "--task-balanced",
+                           "--strategy", args.gate_strategy, *common])
 
     import jax  # after the stages, so this process holds no GPU memory while they run
 

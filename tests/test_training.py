@@ -132,6 +132,23 @@ def test_the_step_compiles_once(toy, caplog, tmp_path):
     assert len(compiles) == 1
 
 
+def test_strategy_flag_reaches_every_meteora_layer(toy, tmp_path, monkeypatch):
+    root, _, data = toy
+    import meteora_jax.meteora as meteora
+
+    seen, original = set(), meteora.gated_output
+
+    def spy(*args, **kwargs):
+        seen.add(args[-1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(meteora, "gated_output", spy)
+    assert gates_main(gate_args(root, data, tmp_path / "run", "--steps", "1", "--save-every", "100",
+                                "--eval-every", "100", "--strategy", "bmm")) == 0
+    assert seen == {"bmm"}
+    assert json.loads((tmp_path / "run" / "run_settings.json").read_text())["strategy"] == "bmm"
+
+
 def test_existing_run_needs_resume(toy, capsys):
     root, _, data = toy
     out = root / "twice"

@@ -2,8 +2,8 @@
 
 python -m train.gates --base BASE_CKPT --meteora METEORA_CKPT --data bigbench:DIR [--data jsonl:TASK=FILE ...]
     --out DIR [--steps 200] [--batch-size 8] [--grad-accum 1] [--max-length 512] [--lr 1e-3] [--warmup 20]
-    [--gate-loss-weight 50] [--train-adapters] [--dtype bfloat16] [--remat] [--task-balanced] [--chat-template]
-    [--pack] [--save-every 50] [--keep 3] [--eval-every 50] [--resume] [--seed 0]
+    [--gate-loss-weight 50] [--train-adapters] [--dtype bfloat16] [--remat] [--strategy S] [--task-balanced]
+    [--chat-template] [--pack] [--save-every 50] [--keep 3] [--eval-every 50] [--resume] [--seed 0]
 
 Each adapter of the MeteoRA checkpoint is a task: its gate index is the target for every token of
 that task's examples. `--data bigbench:DIR` reads DIR/<adapter name>/task.json for every adapter;
@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from meteora_jax.data import batch_stream, load_task_records, read_jsonl_records, split_records, tokenize_records
+from meteora_jax.lora_mixture import STRATEGIES
 from meteora_jax.meteora_checkpoint import load_meteora, read_meteora, save_meteora, split_banks
 from meteora_jax.trainable import GATES, GATES_AND_ADAPTERS, merge_params, split_trainable
 from meteora_jax.training import (
@@ -63,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-adapters", action="store_true", help="fine-tune the adapters' A and B too")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--remat", action="store_true", help="recompute each layer in the backward pass")
+    p.add_argument("--strategy", choices=STRATEGIES, help="MeteoRA forward strategy (default: the checkpoint's)")
     p.add_argument("--task-balanced", action="store_true", help="sample every task equally often")
     p.add_argument("--chat-template", action="store_true", help="format examples with the chat template")
     p.add_argument("--pack", action="store_true", help="pack several examples per row")
@@ -130,7 +132,8 @@ def main(argv=None) -> int:
 
 
 def train(args, out: Path) -> int:
-    loaded = load_meteora(args.base, args.meteora, dtype=args.dtype, remat=args.remat)
+    overrides = {"strategy": args.strategy} if args.strategy else {}
+    loaded = load_meteora(args.base, args.meteora, dtype=args.dtype, remat=args.remat, **overrides)
     _, manifest = read_meteora(args.meteora)
     tasks = [a["name"] for a in manifest["adapters"]]
     if loaded.tokenizer is None:
