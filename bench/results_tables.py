@@ -197,6 +197,20 @@ def pipeline_section(run: dict) -> list[str]:
     return lines
 
 
+def gate_strategy_section(run: dict) -> list[str]:
+    lines = [
+        "## Gate training by MeteoRA strategy (`train.gates --strategy`)\n",
+        f"Date {run['date'][:10]}; {run['device']}; jax {run['jax']}, Python {run['python']}. {run['what']}. Median "
+        "step after the first; the first step is mostly compilation.\n",
+        "| strategy | median step ms | tokens/s | first step s | peak GiB | held-out gate accuracy |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in run["runs"].items():
+        lines.append(f"| {name} | {r['median_step_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {r['first_step_s']:.0f} | "
+                     f"{r['peak_memory_bytes'] / 2**30:.2f} | {r['held_out_gate_accuracy']:.3f} |")
+    return lines + [""]
+
+
 def main() -> None:
     lines = ["# Benchmark results\n",
              "Written by `bench/results_tables.py` from the JSON in `results/` (every sample is there). Analysis, "
@@ -210,6 +224,7 @@ def main() -> None:
     lines += segment_tuning_section(load("segment_tuning.json"))
     lines += tuning_section(load("pallas_tuning.json"))
     lines += pipeline_section(load("train_pipeline.json"))
+    lines += gate_strategy_section(load("train_gates_strategy.json"))
     (HERE / "RESULTS.md").write_text("\n".join(lines))
 
 

@@ -24,6 +24,14 @@ ARGMAX_TOP_K = 4
 PALLAS_DECODE_MAX_TOKENS = 16
 PALLAS_DECODE_MAX_ADAPTERS = 1024
 PALLAS_MAX_RANK = 128
+# From this many tokens `auto` takes the `pallas` prefill forms on a GPU (bench/NOTES.md, H100): for
+# N r <= DENSE_MAX_TOTAL_RANK the dense expand kernel, as fast as `dense` from 4096 tokens (927 against
+# 944 us at 16384) with a third of its temporaries; below this, `dense`, which ties at 4096 tokens and
+# compiles faster (train.gates' first step at 4096 tokens per call: 85 s against 145 s). For N r >=
+# PALLAS_GROUPED_MIN_TOTAL_RANK the grouped (SGMV) kernels: at N = 1024, r = 8, 16384 tokens, 1.88 ms
+# against bmm's 2.09, while at N = 256 bmm still led by 5%.
+PALLAS_PREFILL_MIN_TOKENS = 8192
+PALLAS_GROUPED_MIN_TOTAL_RANK = 8192
 # The gate matmul pads fewer tokens to this many rows (see compute_gate_logits).
 GATE_MIN_ROWS = 8
 
@@ -274,16 +282,18 @@ def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None) -> st
     """The `auto` choice, from the crossovers measured on an H100 (bench/NOTES.md).
 
     Mixtures alone (`tokens` None, e.g. forced routing): dense while N * r <= DENSE_MAX_TOTAL_RANK,
-    else bmm. The gated layer (`tokens` given) on a GPU, within the decode kernels' limits: the Pallas
-    decode kernels, which took the least device (kernel) time at 1 and 16 tokens for every N measured.
-    Prefill stays in XLA: the Pallas dense expand ties dense's forward time with a fraction of its
-    temporaries, but gate training through it on the H100 has not been timed yet (a smoke run was cut
-    short by a second compile of the step, since fixed; bench/NOTES.md), so choose strategy "pallas"
-    explicitly for long-prompt inference.
+    else bmm. The gated layer (`tokens` given) on a GPU: within the decode kernels' limits, the Pallas
+    decode kernels, which took the least device time at 1 and 16 tokens for every N measured; from
+    PALLAS_PREFILL_MIN_TOKENS tokens, the Pallas prefill forms where they won (see the constants).
     """
-    if tokens is not None and _fits_decode_kernels(tokens, num_adapters, rank) and jax.default_backend() == "gpu":
-        return "pallas"
-    return "dense" if num_adapters * rank <= DENSE_MAX_TOTAL_RANK else "bmm"
+    total_rank = num_adapters * rank
+    if tokens is not None and jax.default_backend() == "gpu":
+        if _fits_decode_kernels(tokens, num_adapters, rank):
+            return "pallas"
+        prefill = tokens >= PALLAS_PREFILL_MIN_TOKENS and rank <= PALLAS_MAX_RANK
+        if prefill and (total_rank <= DENSE_MAX_TOTAL_RANK or total_rank >= PALLAS_GROUPED_MIN_TOTAL_RANK):
+            return "pallas"
+    return "dense" if total_rank <= DENSE_MAX_TOTAL_RANK else "bmm"
 
 
 def mixture_pallas(x, lora_a, lora_b, scaling, indices, weights):
