@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import itertools
 import json
 import sys
 from collections.abc import Sequence
@@ -32,15 +33,16 @@ from result_path import default_result_path  # noqa: E402
 from meteora_jax.pallas.decode_layer import DecodeBlockSizes, decode_layer  # noqa: E402
 
 CASES = [(1, 28, 4096), (16, 28, 4096), (1, 28, 14336), (16, 28, 14336), (1, 64, 4096)]  # (T, N, out)
-TILES = [(128, 16), (256, 16), (512, 16), (1024, 16), (256, 32)]  # (all_block_in, all_block_adapters)
+TILES = [(64, 16), (128, 16), (256, 16), (128, 32)]  # (all_block_in, all_block_adapters)
+WARPS = (2, 4)
 
 
 def configs() -> dict[str, DecodeBlockSizes]:
     default = DecodeBlockSizes()
     out = {"three kernels": dataclasses.replace(default, all_adapters_max_total_rank=0)}
-    for block_in, adapters in TILES:
-        out[f"two kernels {block_in}x{adapters}"] = dataclasses.replace(default, all_block_in=block_in,
-                                                                         all_block_adapters=adapters)
+    for (block_in, adapters), warps in itertools.product(TILES, WARPS):
+        out[f"two kernels {block_in}x{adapters} w{warps}"] = dataclasses.replace(
+            default, all_block_in=block_in, all_block_adapters=adapters, gate_num_warps=warps)
     return out
 
 

@@ -67,7 +67,7 @@ class DecodeBlockSizes:
     block_out: int = 128
     num_warps: int = 1
     all_adapters_max_total_rank: int = 512
-    all_block_in: int = 512
+    all_block_in: int = 128
     all_block_adapters: int = 16
 
     def check(self) -> None:
@@ -144,19 +144,20 @@ def _gate_shrink_kernel(x_ref, gate_ref, a_ref, shares_ref, h_ref, *, tokens, in
                  mask=token_mask & (rows[None, :] < in_features), other=0)
     gate = plt.load(gate_ref.at[pl.ds(start, blocks.all_block_in), pl.ds(first, blocks.all_block_adapters)],
                     mask=(rows[:, None] < in_features) & (cols[None, :] < num_adapters), other=0)
+    # Every load before any store: the compiler cannot move a load above a store that may alias it, and
+    # one adapter at a time chained a memory round trip per adapter (bench/NOTES.md).
+    adapters = [jnp.minimum(first + offset, num_adapters - 1) for offset in range(blocks.all_block_adapters)]
+    a_blocks = [plt.load(a_ref.at[adapter, pl.ds(start, blocks.all_block_in), pl.ds(0, ranks.shape[0])],
+                         mask=(rows[:, None] < in_features) & (ranks[None, :] < rank), other=0) for adapter in adapters]
+    hs = [jnp.dot(x, a, preferred_element_type=jnp.float32) for a in a_blocks]
+    share = _gate_share(x, gate)
     plt.store(shares_ref.at[split, pl.ds(0, token_rows.shape[0]), pl.ds(first, blocks.all_block_adapters)],
-              _gate_share(x, gate), mask=token_mask & (cols[None, :] < num_adapters))
-    for offset in range(blocks.all_block_adapters):
-        adapter = first + offset
-        present = adapter < num_adapters
-        adapter = jnp.minimum(adapter, num_adapters - 1)
-        a = plt.load(a_ref.at[adapter, pl.ds(start, blocks.all_block_in), pl.ds(0, ranks.shape[0])],
-                     mask=(rows[:, None] < in_features) & (ranks[None, :] < rank), other=0)
-        h = jnp.dot(x, a, preferred_element_type=jnp.float32)
+              share, mask=token_mask & (cols[None, :] < num_adapters))
+    for offset, (adapter, h) in enumerate(zip(adapters, hs)):
         # h's rows hold the adapters' ranks back to back, so a store of the padded rank block covers
         # the next adapter's lanes: masked off here, and past the last adapter the row has spare lanes.
         plt.store(h_ref.at[pl.ds(0, token_rows.shape[0]), split, pl.ds(adapter * rank, ranks.shape[0])], h,
-                  mask=token_mask & (ranks[None, :] < rank) & present)
+                  mask=token_mask & (ranks[None, :] < rank) & (first + offset < num_adapters))
 
 
 def _route(shares_ref, m, *, top_k, temperature, num_adapters):
