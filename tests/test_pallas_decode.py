@@ -1,7 +1,5 @@
 """The decode-layer Pallas kernels (gate, routing + shrink, expand into the base output) against their reference."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +9,7 @@ from meteora_jax.lora_mixture import STRATEGIES, gated_output
 from meteora_jax.pallas.decode_layer import DecodeBlockSizes, decode_layer, decode_layer_reference
 
 ON_GPU = jax.default_backend() == "gpu"
-SMALL = DecodeBlockSizes(gate_block_in=16, gate_block_adapters=16, block_in=32, block_out=16, all_block_in=32)
-THREE_KERNELS = dataclasses.replace(SMALL, all_adapters_max_total_rank=0)
-# (dtype, blocks): the two-kernel plan (every adapter's x A) runs for 16-bit x within its N r limit.
-PLANS = [("float32", SMALL), ("bfloat16", THREE_KERNELS), ("bfloat16", SMALL)]
+SMALL = DecodeBlockSizes(gate_block_in=16, gate_block_adapters=16, block_in=32, block_out=16)
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 
 # (tokens M, in I, out O, adapters N, rank R, top-k K, temperature): T = 1, dims off the block grid,
@@ -41,12 +36,12 @@ def problem(case, dtype, seed):
     return x, gate, y, a, b, scaling
 
 
-@pytest.mark.parametrize("dtype,blocks", PLANS, ids=["float32", "bfloat16-three-kernels", "bfloat16-two-kernels"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case", CASES)
-def test_decode_layer_matches_reference_interpreted(case, dtype, blocks):
+def test_decode_layer_matches_reference_interpreted(case, dtype):
     args = problem(case, dtype, seed=sum(case[:6]))
     top_k, temperature = case[5], case[6]
-    out, logits, indices, weights = decode_layer(*args, top_k=top_k, temperature=temperature, blocks=blocks,
+    out, logits, indices, weights = decode_layer(*args, top_k=top_k, temperature=temperature, blocks=SMALL,
                                                  interpret=True)
     x, gate, y, a, b, scaling = args
     ref_args = (x.astype(jnp.float32), gate, y.astype(jnp.float32), a.astype(jnp.float32), b.astype(jnp.float32),
@@ -59,14 +54,6 @@ def test_decode_layer_matches_reference_interpreted(case, dtype, blocks):
     np.testing.assert_allclose(weights, ref_weights, rtol=1e-6, atol=1e-7)
     # The delta alone, so that y's own size cannot hide an error in it.
     assert rel_error(out.astype(jnp.float32) - y.astype(jnp.float32), ref - y.astype(jnp.float32)) < TOLERANCE[dtype]
-
-
-@pytest.mark.parametrize("dtype,adapters,plan", [("bfloat16", 28, "route_expand"), ("float32", 28, "route_shrink"),
-                                                  ("bfloat16", 65, "route_shrink")])
-def test_two_kernels_for_16_bit_x_and_few_adapters(dtype, adapters, plan):
-    args = problem((2, 32, 32, adapters, 8, 2, 1.0), dtype, seed=0)
-    program = jax.make_jaxpr(lambda *a: decode_layer(*a, top_k=2, temperature=1.0, interpret=True))(*args)
-    assert f"meteora_decode_{plan}" in str(program)
 
 
 def test_ties_go_to_the_lower_adapter_as_in_route():

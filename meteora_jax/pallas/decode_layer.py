@@ -1,28 +1,21 @@
-"""Few-token (decode) MeteoRA layer after the base matmul, in two or three Pallas kernels.
+"""Few-token (decode) MeteoRA layer after the base matmul, in three Pallas kernels.
 
     logits = x @ gate (float32);  idx[m], values = top-k of logits[m];  w[m] = softmax(values / T)
     y_out[m] = y[m] + sum_j w[m, j] * s[idx[m, j]] * (x[m] @ A[idx[m, j]]) @ B[idx[m, j]]
 
 Why: XLA spends about ten small kernels on the gate, the routing and the mixture of a few tokens (each
 at least ~1-2 us on an H100, bench/NOTES.md), most of the layer's cost at decode; below 8 tokens it
-even lowers the gate's matrix product to a multiply and a reduction. Two plans:
-
-Few adapters (16-bit x, N r <= blocks.all_adapters_max_total_rank), two kernels:
-    gate_shrink   one program per (block of input features, block of adapters): that block's share of
-                  the logits and of x A_n for every adapter n of the block (all of A is a few MB here).
-    route_expand  one program per (token, output tile): sums the token's logit shares, takes the top-k
-                  and the softmax, sums the chosen adapters' x A shares, scales them by w_j s_j and adds
-                  sum_j h_j B_j into y (aliased, so the base output is updated in place).
-Many adapters, three kernels, reading only the chosen adapters:
-    gate          the gate_shrink programs' logit shares alone, so the gate is read once.
+even lowers the gate's matrix product to a multiply and a reduction. Here:
+    gate          one program per (block of input features, block of adapters): that block's share
+                  of the logits, so the gate (the largest read at many adapters) is read once.
     route_shrink  one program per (token, block of input features): sums the token's logit shares,
                   takes the top-k and the softmax, then its block's share of h_j = x A_j for the k
                   chosen adapters.
     expand_add    one program per (token, output tile): sums the shares, scales by w_j s_j, and adds
-                  sum_j h_j B_j into y.
-Many small programs rather than loops inside few: at decode these kernels are latency-bound, and a
-program per token or per tile left most of the GPU idle; one kernel doing the shrink in every output
-tile was 2-7x slower than two (bench/NOTES.md).
+                  sum_j h_j B_j into y (aliased, so the base output is updated in place).
+Only the chosen adapters are read. Many small programs rather than loops inside few: at decode these
+kernels are latency-bound, and a program per token or per tile left most of the GPU idle; one kernel
+doing the shrink in every output tile was 2-7x slower than two (bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -66,17 +59,9 @@ class DecodeBlockSizes:
     block_in: int = 128
     block_out: int = 128
     num_warps: int = 1
-    all_adapters_max_total_rank: int = 512
-    all_block_in: int = 128
-    all_block_adapters: int = 16
 
     def check(self) -> None:
-        check_powers_of_two(self, ("gate_block_in", "gate_block_adapters", "block_in", "block_out", "all_block_in",
-                                   "all_block_adapters"))
-
-    def reads_all_adapters(self, x_dtype, num_adapters: int, rank: int) -> bool:
-        """Whether the two-kernel plan runs: 16-bit x (its x A dots stay on tensor cores) and N r small."""
-        return jnp.dtype(x_dtype).itemsize == 2 and num_adapters * rank <= self.all_adapters_max_total_rank
+        check_powers_of_two(self, ("gate_block_in", "gate_block_adapters", "block_in", "block_out"))
 
     def gate_rows(self, in_features: int, num_adapters: int) -> int:
         """gate_block_in, or by default the fewest rows (>= 64, <= MAX_GATE_ROWS) that leave at most
@@ -116,48 +101,15 @@ def _gate_kernel(x_ref, gate_ref, shares_ref, *, tokens, in_features, num_adapte
                  mask=(token_rows[:, None] < tokens) & (rows[None, :] < in_features), other=0)
     gate = plt.load(gate_ref.at[pl.ds(start, gate_rows), pl.ds(first, blocks.gate_block_adapters)],
                     mask=(rows[:, None] < in_features) & (cols[None, :] < num_adapters), other=0)
-    plt.store(shares_ref.at[split, pl.ds(0, token_rows.shape[0]), pl.ds(first, blocks.gate_block_adapters)],
-              _gate_share(x, gate), mask=(token_rows[:, None] < tokens) & (cols[None, :] < num_adapters))
-
-
-def _gate_share(x, gate):
-    """x @ gate in float32 from bfloat16 tensor-core dots of the parts, dropping the terms below float32
-    rounding; float32 Triton dots (FMA code, or three TF32 passes) were 20-70x slower here."""
-    share = jnp.zeros((x.shape[0], gate.shape[1]), jnp.float32)
+    # Float32 products from bfloat16 tensor-core dots of the parts, dropping the terms below float32
+    # rounding; float32 Triton dots (FMA code, or three TF32 passes) were 20-70x slower here.
+    share = jnp.zeros((token_rows.shape[0], blocks.gate_block_adapters), jnp.float32)
     for i, x_part in enumerate(_bf16_parts(x)):
         for j, gate_part in enumerate(_bf16_parts(gate)):
             if i + j < 3:
                 share += jnp.dot(x_part, gate_part, preferred_element_type=jnp.float32)
-    return share
-
-
-def _gate_shrink_kernel(x_ref, gate_ref, a_ref, shares_ref, h_ref, *, tokens, in_features, num_adapters, rank,
-                        blocks: DecodeBlockSizes):
-    split, chunk = pl.program_id(0), pl.program_id(1)
-    token_rows = jnp.arange(max(pl.next_power_of_2(tokens), 16))  # dot operands need >= 16 rows
-    start, first = split * blocks.all_block_in, chunk * blocks.all_block_adapters
-    rows = start + jnp.arange(blocks.all_block_in)
-    cols = first + jnp.arange(blocks.all_block_adapters)
-    ranks = jnp.arange(_rank_block(rank))
-    token_mask = token_rows[:, None] < tokens
-    x = plt.load(x_ref.at[pl.ds(0, token_rows.shape[0]), pl.ds(start, blocks.all_block_in)],
-                 mask=token_mask & (rows[None, :] < in_features), other=0)
-    gate = plt.load(gate_ref.at[pl.ds(start, blocks.all_block_in), pl.ds(first, blocks.all_block_adapters)],
-                    mask=(rows[:, None] < in_features) & (cols[None, :] < num_adapters), other=0)
-    # Every load before any store: the compiler cannot move a load above a store that may alias it, and
-    # one adapter at a time chained a memory round trip per adapter (bench/NOTES.md).
-    adapters = [jnp.minimum(first + offset, num_adapters - 1) for offset in range(blocks.all_block_adapters)]
-    a_blocks = [plt.load(a_ref.at[adapter, pl.ds(start, blocks.all_block_in), pl.ds(0, ranks.shape[0])],
-                         mask=(rows[:, None] < in_features) & (ranks[None, :] < rank), other=0) for adapter in adapters]
-    hs = [jnp.dot(x, a, preferred_element_type=jnp.float32) for a in a_blocks]
-    share = _gate_share(x, gate)
-    plt.store(shares_ref.at[split, pl.ds(0, token_rows.shape[0]), pl.ds(first, blocks.all_block_adapters)],
-              share, mask=token_mask & (cols[None, :] < num_adapters))
-    for offset, (adapter, h) in enumerate(zip(adapters, hs)):
-        # h's rows hold the adapters' ranks back to back, so a store of the padded rank block covers
-        # the next adapter's lanes: masked off here, and past the last adapter the row has spare lanes.
-        plt.store(h_ref.at[pl.ds(0, token_rows.shape[0]), split, pl.ds(adapter * rank, ranks.shape[0])], h,
-                  mask=token_mask & (ranks[None, :] < rank) & (first + offset < num_adapters))
+    plt.store(shares_ref.at[split, pl.ds(0, token_rows.shape[0]), pl.ds(first, blocks.gate_block_adapters)], share,
+              mask=(token_rows[:, None] < tokens) & (cols[None, :] < num_adapters))
 
 
 def _route(shares_ref, m, *, top_k, temperature, num_adapters):
@@ -243,70 +195,7 @@ def _expand_add_kernel(idx_ref, coef_ref, h_ref, b_ref, y_ref, out_ref, *, top_k
                      out_features=out_features, rank=rank, block_out=blocks.block_out)
 
 
-def _route_expand_kernel(shares_ref, h_ref, scaling_ref, b_ref, y_ref, out_ref, logits_ref, idx_ref, weight_ref, *,
-                         top_k, temperature, num_adapters, out_features, rank, blocks: DecodeBlockSizes):
-    m = pl.program_id(0)
-    logits, chosen, weights = _route(shares_ref, m, top_k=top_k, temperature=temperature, num_adapters=num_adapters)
-    splits = h_ref.shape[1]
-    split_lanes, ranks = jnp.arange(pl.next_power_of_2(splits)), jnp.arange(_rank_block(rank))
-    scaled_hs = []
-    for adapter, weight in zip(chosen, weights):
-        partial = plt.load(h_ref.at[m, pl.ds(0, split_lanes.shape[0]), pl.ds(adapter * rank, ranks.shape[0])],
-                           mask=(split_lanes[:, None] < splits) & (ranks[None, :] < rank), other=0)
-        scaled_hs.append(jnp.sum(partial, axis=0) * (weight * scaling_ref[adapter]))
-    _expand_add_tile(b_ref, y_ref, out_ref, m, pl.program_id(1) * blocks.block_out, chosen, scaled_hs,
-                     out_features=out_features, rank=rank, block_out=blocks.block_out)
-
-    @pl.when(pl.program_id(1) == 0)
-    def _():
-        plt.store(logits_ref.at[m, pl.ds(0, logits.shape[0])], logits, mask=jnp.arange(logits.shape[0]) < num_adapters)
-        for j, (adapter, weight) in enumerate(zip(chosen, weights)):
-            slot = jnp.int32(j)  # interpret mode stores only through array indices
-            idx_ref[m, slot] = adapter
-            weight_ref[m, slot] = weight
-
-
-def _rank_block(rank: int) -> int:
-    return max(pl.next_power_of_2(rank), 16)  # dot operands need >= 16 columns
-
-
-def _two_kernels(x, gate, y, lora_a, lora_b, scaling, top_k, temperature, blocks, interpret):
-    tokens, in_features = x.shape
-    num_adapters, _, rank = lora_a.shape
-    out_features = lora_b.shape[-1]
-    splits = pl.cdiv(in_features, blocks.all_block_in)
-    shares, h = pl.pallas_call(
-        functools.partial(_gate_shrink_kernel, tokens=tokens, in_features=in_features, num_adapters=num_adapters,
-                          rank=rank, blocks=blocks),
-        out_shape=(
-            jax.ShapeDtypeStruct((splits, tokens, num_adapters), jnp.float32),
-            # Each program's share of x A_n, adapters' ranks back to back, spare lanes for the last one's
-            # padded stores and loads; route_expand sums the chosen adapters' shares.
-            jax.ShapeDtypeStruct((tokens, splits, num_adapters * rank + _rank_block(rank) - rank), jnp.float32),
-        ),
-        grid=(splits, pl.cdiv(num_adapters, blocks.all_block_adapters)),
-        compiler_params=plt.CompilerParams(num_warps=blocks.gate_num_warps, num_stages=2),
-        interpret=interpret,
-        name="meteora_decode_gate_shrink",
-    )(x, gate, lora_a)
-    per_slot = jax.ShapeDtypeStruct((tokens, top_k), jnp.float32)
-    y_out, logits, indices, weights = pl.pallas_call(
-        functools.partial(_route_expand_kernel, top_k=top_k, temperature=temperature, num_adapters=num_adapters,
-                          out_features=out_features, rank=rank, blocks=blocks),
-        out_shape=(jax.ShapeDtypeStruct(y.shape, y.dtype), jax.ShapeDtypeStruct((tokens, num_adapters), jnp.float32),
-                   jax.ShapeDtypeStruct((tokens, top_k), jnp.int32), per_slot),
-        grid=(tokens, pl.cdiv(out_features, blocks.block_out)),
-        input_output_aliases={4: 0},
-        compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=2),
-        interpret=interpret,
-        name="meteora_decode_route_expand",
-    )(shares, h, scaling, lora_b, y)
-    return y_out, logits, indices, weights
-
-
 def _kernels(x, gate, y, lora_a, lora_b, scaling, top_k, temperature, blocks, interpret):
-    if blocks.reads_all_adapters(x.dtype, lora_a.shape[0], lora_a.shape[-1]):
-        return _two_kernels(x, gate, y, lora_a, lora_b, scaling, top_k, temperature, blocks, interpret)
     tokens, in_features = x.shape
     num_adapters, _, rank = lora_a.shape
     out_features = lora_b.shape[-1]
