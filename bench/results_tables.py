@@ -218,6 +218,8 @@ def main() -> None:
     lines += generate_section([load("generate_throughput_8b.json"), load("generate_throughput_smollm2.json")])
     lines += layer_section([load("meteora_layer_n28.json"), load("meteora_layer_many.json")],
                            "MeteoRA layer (`meteora_layer.py`), with the Pallas decode and prefill kernels", "chained")
+    lines += layer_section([load("meteora_layer_n28_decode_repeat.json")],
+                           "MeteoRA layer, few-token cases repeated (N = 28; same code as above)", "chained")
     lines += layer_section([load("meteora_layer_fori_loop.json")],
                            "MeteoRA layer, previous run (`dense_fused` is today's `dense`)", "fori_loop")
     lines += decode_tuning_section(load("decode_tuning.json"))
