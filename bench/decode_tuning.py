@@ -3,7 +3,8 @@
 Each configuration runs as 32 chained calls with their own gates and adapters in one program (as
 kernel_trace.py), and the profiler's time of each kernel is reported per call. The gate tile is swept
 with the other kernels at their defaults, then the shrink and expand blocks with the gate at its
-default; each kernel's best is read off separately (the last two share num_warps).
+default; each kernel's best is read off separately (the last two share num_warps), and the gate tiles
+by the sum of gate and route_shrink (route_shrink sums one logit share per gate program).
 
 Usage (GPU): python bench/decode_tuning.py [--out FILE]
 """
@@ -35,16 +36,19 @@ from meteora_jax.pallas.decode_layer import DecodeBlockSizes, decode_layer  # no
 CALLS = 32
 IN_FEATURES = 4096
 KERNELS = ("gate", "route_shrink", "expand_add")
-CASES = [(1, 28, 4096), (16, 28, 4096), (16, 28, 14336), (1, 1024, 4096), (16, 1024, 4096)]  # (T, N, out)
-GATE_TILES = [(64, 32), (128, 32), (256, 32), (512, 32), (128, 64), (256, 64), (128, 128)]  # (in, adapters)
-GATE_WARPS = (2, 4)
+CASES = [(1, 28, 4096), (16, 28, 4096), (1, 1024, 4096), (16, 1024, 4096)]  # (T, N, out)
+# (rows, adapters) per gate program; the first run swept (64-512, 32), (128-256, 64), (128, 128) at 2 and 4
+# warps without steps (results/decode_tuning.json).
+GATE_TILES = [(64, 32), (128, 32), (256, 32), (512, 32), (1024, 32), (2048, 32), (512, 64), (1024, 64)]
+GATE_STEPS = (32, 64)
+GATE_WARPS = (4,)
 BLOCKS = [(128, 128), (128, 256), (256, 128)]  # (block_in, block_out); the first run swept these wider
 WARPS = (1,)
 
 def configs() -> list[DecodeBlockSizes]:
     default = DecodeBlockSizes()
-    gate = [dataclasses.replace(default, gate_block_in=i, gate_block_adapters=n, gate_num_warps=w)
-            for (i, n), w in itertools.product(GATE_TILES, GATE_WARPS)]
+    gate = [dataclasses.replace(default, gate_block_in=i, gate_block_adapters=n, gate_step_rows=step, gate_num_warps=w)
+            for (i, n), step, w in itertools.product(GATE_TILES, GATE_STEPS, GATE_WARPS) if step <= i]
     rest = [dataclasses.replace(default, block_in=i, block_out=o, num_warps=w)
             for (i, o), w in itertools.product(BLOCKS, WARPS)]
     return gate + [c for c in rest if c not in gate]

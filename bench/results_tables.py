@@ -111,7 +111,8 @@ def decode_tuning_section(run: dict) -> list[str]:
         "| T | N | out | kernel | best configuration | us | default us |",
         "|---:|---:|---:|---|---|---:|---:|",
     ]
-    fields = {"gate": ("gate_block_in", "gate_block_adapters", "gate_num_warps"),
+    gate_fields = ("gate_block_in", "gate_block_adapters", "gate_step_rows", "gate_num_warps")
+    fields = {"gate": tuple(f for f in gate_fields if f in run["defaults"]),
               "route_shrink": ("block_in", "num_warps"), "expand_add": ("block_out", "num_warps")}
     cases = list(dict.fromkeys((r["tokens"], r["adapters"], r["out_features"]) for r in run["results"]))
     for case in cases:
@@ -126,6 +127,32 @@ def decode_tuning_section(run: dict) -> list[str]:
             config = ", ".join(f"{f}={best[f]}" for f in names)
             lines.append(f"| {case[0]} | {case[1]} | {case[2]} | {kernel} | {config} | {best[kernel]:.2f} | "
                          f"{defaults[kernel]:.2f} |")
+    return lines + [""]
+
+
+def gate_steps_section(run: dict) -> list[str]:
+    lines = [
+        "## Decode gate tiles read in steps (`decode_tuning.py`, second sweep)\n",
+        f"Date {run['date'][:10]}; {run['device']}; jax {run['versions']['jax']}. As above; the gate program reads "
+        "its rows gate_step_rows at a time, and route_shrink sums one logit share per gate program, so the "
+        "gate tiles are ranked by gate + route_shrink time (route_shrink and expand_add at their defaults). The "
+        "three fastest per case, and the run's defaults.\n",
+        "| T | N | rows x adapters, step | gate us | route_shrink us | sum us |",
+        "|---:|---:|---|---:|---:|---:|",
+    ]
+    rest = ("block_in", "block_out", "num_warps")
+    cases = list(dict.fromkeys((r["tokens"], r["adapters"]) for r in run["results"]))
+    for case in cases:
+        mine = [r for r in run["results"] if (r["tokens"], r["adapters"]) == case
+                and all(r[f] == run["defaults"][f] for f in rest)]
+        ranked = sorted(mine, key=lambda r: r["gate"] + r["route_shrink"])
+        default = next(r for r in mine if all(r[f] == v for f, v in run["defaults"].items()))
+        for r in [*ranked[:3], default]:
+            label = f"{r['gate_block_in']} x {r['gate_block_adapters']}, {r['gate_step_rows']}"
+            if r is default:
+                label += " (default)"
+            lines.append(f"| {case[0]} | {case[1]} | {label} | {r['gate']:.2f} | {r['route_shrink']:.2f} | "
+                         f"{r['gate'] + r['route_shrink']:.2f} |")
     return lines + [""]
 
 

@@ -9,7 +9,8 @@ from meteora_jax.lora_mixture import STRATEGIES, gated_output
 from meteora_jax.pallas.decode_layer import DecodeBlockSizes, decode_layer, decode_layer_reference
 
 ON_GPU = jax.default_backend() == "gpu"
-SMALL = DecodeBlockSizes(gate_block_in=16, gate_block_adapters=16, block_in=32, block_out=16)
+# Two 16-row steps per gate program, so that its loop runs.
+SMALL = DecodeBlockSizes(gate_block_in=32, gate_block_adapters=16, gate_step_rows=16, block_in=32, block_out=16)
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 
 # (tokens M, in I, out O, adapters N, rank R, top-k K, temperature): T = 1, dims off the block grid,
@@ -151,8 +152,8 @@ def test_decode_layer_full_size_on_gpu(tokens, adapters, out_features):
 
 def test_gate_rows_grow_with_the_adapters_and_inputs_until_set():
     assert DecodeBlockSizes().gate_rows(4096, 28) == 64
-    assert DecodeBlockSizes().gate_rows(4096, 1024) == 512
-    assert DecodeBlockSizes().gate_rows(1000, 1024) == 128
+    assert DecodeBlockSizes().gate_rows(4096, 1024) == 256
+    assert DecodeBlockSizes().gate_rows(1000, 1024) == 64
     assert DecodeBlockSizes().gate_rows(14336, 28) == 256  # at most 64 shares per token
     assert DecodeBlockSizes().gate_rows(14336, 1024) == 512  # never past the largest measured tile
     assert DecodeBlockSizes(gate_block_in=256).gate_rows(4096, 28) == 256

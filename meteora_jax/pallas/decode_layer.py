@@ -36,9 +36,9 @@ from meteora_jax.pallas.lora_gather import lora_gather_reference
 MAX_TOKENS = PALLAS_DECODE_MAX_TOKENS
 MAX_ADAPTERS = PALLAS_DECODE_MAX_ADAPTERS
 MAX_RANK = PALLAS_MAX_RANK
-# Gate tiles: at most this many logit shares per token for route_shrink to sum, and at most this many
-# rows per gate program (the largest measured).
-MAX_GATE_SHARES = 8192
+# Gate tiles: at most this many logit-share floats per token for route_shrink to sum, and at most this
+# many rows per gate program (larger tiles were slower in both sweeps, bench/RESULTS.md).
+MAX_GATE_SHARES = 16384
 MAX_GATE_SPLITS = 64
 MAX_GATE_ROWS = 512
 
@@ -56,18 +56,20 @@ class DecodeBlockSizes:
     gate_block_in: int | None = None
     gate_block_adapters: int = 32
     gate_num_warps: int = 4
+    gate_step_rows: int = 64
     block_in: int = 128
     block_out: int = 128
     num_warps: int = 1
 
     def check(self) -> None:
-        check_powers_of_two(self, ("gate_block_in", "gate_block_adapters", "block_in", "block_out"))
+        check_powers_of_two(self, ("gate_block_in", "gate_block_adapters", "gate_step_rows", "block_in", "block_out"))
 
     def gate_rows(self, in_features: int, num_adapters: int) -> int:
         """gate_block_in, or by default the fewest rows (>= 64, <= MAX_GATE_ROWS) that leave at most
         MAX_GATE_SPLITS shares of at most MAX_GATE_SHARES floats per token: small tiles spread a few
         adapters' gate over many programs, but each route_shrink program sums all of its token's shares
-        (measured: 64 rows best at N = 28, 512 at 1024, with 4096 input features)."""
+        (measured by gate + route_shrink time: 64 rows best at N = 28, 256 at 1024, with 4096 input
+        features)."""
         if self.gate_block_in is not None:
             return self.gate_block_in
         rows = 64
@@ -94,20 +96,29 @@ def _gate_kernel(x_ref, gate_ref, shares_ref, *, tokens, in_features, num_adapte
                  blocks: DecodeBlockSizes):
     split, chunk = pl.program_id(0), pl.program_id(1)
     token_rows = jnp.arange(max(pl.next_power_of_2(tokens), 16))  # dot operands need >= 16 rows
-    start, first = split * gate_rows, chunk * blocks.gate_block_adapters
-    rows = start + jnp.arange(gate_rows)
+    first = chunk * blocks.gate_block_adapters
     cols = first + jnp.arange(blocks.gate_block_adapters)
-    x = plt.load(x_ref.at[pl.ds(0, token_rows.shape[0]), pl.ds(start, gate_rows)],
-                 mask=(token_rows[:, None] < tokens) & (rows[None, :] < in_features), other=0)
-    gate = plt.load(gate_ref.at[pl.ds(start, gate_rows), pl.ds(first, blocks.gate_block_adapters)],
-                    mask=(rows[:, None] < in_features) & (cols[None, :] < num_adapters), other=0)
-    # Float32 products from bfloat16 tensor-core dots of the parts, dropping the terms below float32
-    # rounding; float32 Triton dots (FMA code, or three TF32 passes) were 20-70x slower here.
+    step_rows = min(blocks.gate_step_rows, gate_rows)
+
+    # The program's rows in steps, so that the compiler pipelines the loads and a large tile does not
+    # sit in registers at once (one 512 x 32 float32 tile spilled at two warps, bench/NOTES.md).
+    def step(i, share):
+        start = split * gate_rows + i * step_rows
+        rows = start + jnp.arange(step_rows)
+        x = plt.load(x_ref.at[pl.ds(0, token_rows.shape[0]), pl.ds(start, step_rows)],
+                     mask=(token_rows[:, None] < tokens) & (rows[None, :] < in_features), other=0)
+        gate = plt.load(gate_ref.at[pl.ds(start, step_rows), pl.ds(first, blocks.gate_block_adapters)],
+                        mask=(rows[:, None] < in_features) & (cols[None, :] < num_adapters), other=0)
+        # Float32 products from bfloat16 tensor-core dots of the parts, dropping the terms below float32
+        # rounding; float32 Triton dots (FMA code, or three TF32 passes) were 20-70x slower here.
+        for x_order, x_part in enumerate(_bf16_parts(x)):
+            for gate_order, gate_part in enumerate(_bf16_parts(gate)):
+                if x_order + gate_order < 3:
+                    share += jnp.dot(x_part, gate_part, preferred_element_type=jnp.float32)
+        return share
+
     share = jnp.zeros((token_rows.shape[0], blocks.gate_block_adapters), jnp.float32)
-    for i, x_part in enumerate(_bf16_parts(x)):
-        for j, gate_part in enumerate(_bf16_parts(gate)):
-            if i + j < 3:
-                share += jnp.dot(x_part, gate_part, preferred_element_type=jnp.float32)
+    share = jax.lax.fori_loop(0, gate_rows // step_rows, step, share)
     plt.store(shares_ref.at[split, pl.ds(0, token_rows.shape[0]), pl.ds(first, blocks.gate_block_adapters)], share,
               mask=(token_rows[:, None] < tokens) & (cols[None, :] < num_adapters))
 
