@@ -152,10 +152,10 @@ def test_decode_layer_full_size_on_gpu(tokens, adapters, out_features):
 
 def test_gate_rows_grow_with_the_adapters_and_inputs_until_set():
     assert DecodeBlockSizes().gate_rows(4096, 28) == 64
+    assert DecodeBlockSizes().gate_rows(4096, 256) == 128
     assert DecodeBlockSizes().gate_rows(4096, 1024) == 256
-    assert DecodeBlockSizes().gate_rows(1000, 1024) == 64
     assert DecodeBlockSizes().gate_rows(14336, 28) == 256  # at most 64 shares per token
-    assert DecodeBlockSizes().gate_rows(14336, 1024) == 512  # never past the largest measured tile
+    assert DecodeBlockSizes().gate_rows(65536, 1024) == 512  # never past the largest measured tile
     assert DecodeBlockSizes(gate_block_in=256).gate_rows(4096, 28) == 256
 
 

@@ -36,9 +36,13 @@ from meteora_jax.pallas.lora_gather import lora_gather_reference
 MAX_TOKENS = PALLAS_DECODE_MAX_TOKENS
 MAX_ADAPTERS = PALLAS_DECODE_MAX_ADAPTERS
 MAX_RANK = PALLAS_MAX_RANK
-# Gate tiles: at most this many logit-share floats per token for route_shrink to sum, and at most this
-# many rows per gate program (larger tiles were slower in both sweeps, bench/RESULTS.md).
-MAX_GATE_SHARES = 16384
+# Gate rows per program by adapter count, the best gate + route_shrink time measured at 4096 input
+# features (bench/RESULTS.md: 64 rows at N = 28, 128 at 256, 256 at 1024): small tiles spread a few
+# adapters' gate over many programs, but each route_shrink program sums all of its token's logit shares.
+GATE_ROWS_BY_ADAPTERS = ((64, 64), (256, 128))
+GATE_ROWS_MANY_ADAPTERS = 256
+# At most this many shares per token, and at most this many rows per gate program (larger tiles were
+# slower in both sweeps).
 MAX_GATE_SPLITS = 64
 MAX_GATE_ROWS = 512
 
@@ -65,18 +69,12 @@ class DecodeBlockSizes:
         check_powers_of_two(self, ("gate_block_in", "gate_block_adapters", "gate_step_rows", "block_in", "block_out"))
 
     def gate_rows(self, in_features: int, num_adapters: int) -> int:
-        """gate_block_in, or by default the fewest rows (>= 64, <= MAX_GATE_ROWS) that leave at most
-        MAX_GATE_SPLITS shares of at most MAX_GATE_SHARES floats per token: small tiles spread a few
-        adapters' gate over many programs, but each route_shrink program sums all of its token's shares
-        (measured by gate + route_shrink time: 64 rows best at N = 28, 256 at 1024, with 4096 input
-        features)."""
+        """gate_block_in, or by default the rows that GATE_ROWS_BY_ADAPTERS gives for N, doubled (up to
+        MAX_GATE_ROWS) while that leaves more than MAX_GATE_SPLITS shares per token."""
         if self.gate_block_in is not None:
             return self.gate_block_in
-        rows = 64
-        while rows < min(MAX_GATE_ROWS, in_features):
-            splits = pl.cdiv(in_features, rows)
-            if splits <= MAX_GATE_SPLITS and splits * pl.next_power_of_2(num_adapters) <= MAX_GATE_SHARES:
-                break
+        rows = next((r for most, r in GATE_ROWS_BY_ADAPTERS if num_adapters <= most), GATE_ROWS_MANY_ADAPTERS)
+        while pl.cdiv(in_features, rows) > MAX_GATE_SPLITS and rows < MAX_GATE_ROWS:
             rows *= 2
         return rows
 
