@@ -245,6 +245,10 @@ def main() -> None:
     lines += generate_section([load("generate_throughput_8b.json"), load("generate_throughput_smollm2.json")])
     lines += layer_section([load("meteora_layer_n28.json"), load("meteora_layer_many.json")],
                            "MeteoRA layer (`meteora_layer.py`), with the Pallas decode and prefill kernels", "chained")
+    lines += layer_section([load("meteora_layer_decode.json")],
+                           "MeteoRA layer, few-token cases after the decode gate's tiles moved (rows by N, read in "
+                           "steps)", "chained")
+    lines += gate_steps_section(load("decode_tuning_gate_steps.json"))
     lines += layer_section([load("meteora_layer_n28_decode_repeat.json")],
                            "MeteoRA layer, few-token cases repeated (N = 28; same code as above)", "chained")
     lines += layer_section([load("meteora_layer_fori_loop.json")],
