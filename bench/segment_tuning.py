@@ -7,6 +7,7 @@ and the rest (the grouping's sort and scatters in XLA), beside XLA's dense and b
 mixture.
 
 Usage (GPU, about 3 minutes): python bench/segment_tuning.py [--out FILE]
+       (GPU, block_tokens alone): python bench/segment_tuning.py --cases 16384x256 --block-tokens 16,32,64
 Usage (CPU test with tiny shapes): python bench/segment_tuning.py --smoke --out /tmp/st.json
 """
 
@@ -63,7 +64,10 @@ def kernel_us(fn, args) -> dict[str, float | dict[str, float]]:
     return {**split, "total": sum(split.values()), "by_name": by_name}
 
 
-def configs(smoke: bool) -> list[SegmentBlockSizes]:
+def configs(smoke: bool, block_tokens: list[int] | None = None) -> list[SegmentBlockSizes]:
+    if block_tokens:
+        # Each block_tokens with the rules' other sizes, at 2 and 4 warps.
+        return [SegmentBlockSizes(block_tokens=bt, num_warps=w) for bt in block_tokens for w in (2, 4)]
     if smoke:
         return [SegmentBlockSizes(block_tokens=bt, block_in=16, span_in=32, block_out=16) for bt in (16, None)]
     sweep = [SegmentBlockSizes(block_tokens=bt, block_in=bi, block_out=bo)
@@ -77,10 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--cases", help="comma-separated TOKENS x ADAPTERS (default: the full sweep's three)")
+    parser.add_argument("--block-tokens", help="comma-separated block_tokens to sweep alone")
     args = parser.parse_args(argv)
     interpret = jax.default_backend() != "gpu"
     features = 64 if args.smoke else 4096
     cases = [(64, 4)] if args.smoke else [(16384, 28), (4096, 256), (16384, 1024)]
+    if args.cases:
+        cases = [tuple(int(v) for v in case.split("x")) for case in args.cases.split(",")]
+    block_tokens = [int(v) for v in args.block_tokens.split(",")] if args.block_tokens else None
     rows = []
     out = args.out or default_result_path("segment_tuning.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             rows.append({"kind": strategy, "tokens": tokens, "adapters": adapters, "config": None,
                          "us": kernel_us(xla, (x, a, b, indices, coef, y))})
-        for blocks in configs(args.smoke):
+        for blocks in configs(args.smoke, block_tokens):
             def kernel(x, a, b, i, c, y, bl=blocks):
                 return lora_segment_add(x, a, b, i, c, y, blocks=bl, interpret=interpret)
 
