@@ -175,9 +175,9 @@ def tuning_section(run: dict) -> list[str]:
     return lines + [""]
 
 
-def segment_tuning_section(run: dict) -> list[str]:
+def segment_tuning_section(run: dict, title: str = "Pallas prefill-kernel block sizes") -> list[str]:
     lines = [
-        "## Pallas prefill-kernel block sizes (`segment_tuning.py`)\n",
+        f"## {title} (`segment_tuning.py`)\n",
         f"Date {run['date'][:10]}; {run['device']}; jax {run['versions']['jax']}. The grouped (SGMV) mixture alone as "
         "the layer runs it (shrink + expand added into y in place, grouping in XLA), 4096 -> 4096, bf16, r = 8, "
         "k = 2, random routing; profiler kernel time per call, us. `other` is the grouping's sort and scatters plus "
@@ -255,6 +255,8 @@ def main() -> None:
                            "MeteoRA layer, previous run (`dense_fused` is today's `dense`)", "fori_loop")
     lines += decode_tuning_section(load("decode_tuning.json"))
     lines += segment_tuning_section(load("segment_tuning.json"))
+    lines += segment_tuning_section(load("segment_tuning_block_tokens.json"),
+                                    "Pallas prefill kernels, block_tokens alone at 2 and 4 warps")
     lines += tuning_section(load("pallas_tuning.json"))
     lines += pipeline_section(load("train_pipeline.json"))
     lines += gate_strategy_section(load("train_gates_strategy.json"))
