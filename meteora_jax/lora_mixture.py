@@ -24,14 +24,16 @@ ARGMAX_TOP_K = 4
 PALLAS_DECODE_MAX_TOKENS = 16
 PALLAS_DECODE_MAX_ADAPTERS = 1024
 PALLAS_MAX_RANK = 128
-# From this many tokens `auto` takes the `pallas` prefill forms on a GPU (bench/NOTES.md, H100): for
+# From this many tokens `auto` takes the `pallas` prefill forms on a GPU (bench/NOTES.md, H100). For
 # N r <= DENSE_MAX_TOTAL_RANK the dense expand kernel, as fast as `dense` from 4096 tokens (927 against
 # 944 us at 16384) with a third of its temporaries; below this, `dense`, which ties at 4096 tokens and
-# compiles faster (train.gates' first step at 4096 tokens per call: 85 s against 145 s). For N r >=
-# PALLAS_GROUPED_MIN_TOTAL_RANK the grouped (SGMV) kernels: at N = 1024, r = 8, 16384 tokens, 1.88 ms
-# against bmm's 2.09, while at N = 256 bmm still led by 5%.
+# compiles faster (train.gates' first step at 4096 tokens per call: 85 s against 145 s).
 PALLAS_PREFILL_MIN_TOKENS = 8192
+# For N r >= PALLAS_GROUPED_MIN_TOTAL_RANK, from PALLAS_GROUPED_MIN_TOKENS tokens, the grouped (SGMV)
+# kernels: at N = 1024, r = 8, 16384 tokens, 1.88 ms against bmm's 2.09, while bmm led at 4096 tokens
+# (0.56 against 0.82 ms) and at N = 256 (by 5%).
 PALLAS_GROUPED_MIN_TOTAL_RANK = 8192
+PALLAS_GROUPED_MIN_TOKENS = 16384
 # The gate matmul pads fewer tokens to this many rows (see compute_gate_logits).
 GATE_MIN_ROWS = 8
 
@@ -283,15 +285,16 @@ def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None) -> st
 
     Mixtures alone (`tokens` None, e.g. forced routing): dense while N * r <= DENSE_MAX_TOTAL_RANK,
     else bmm. The gated layer (`tokens` given) on a GPU: within the decode kernels' limits, the Pallas
-    decode kernels, which took the least device time at 1 and 16 tokens for every N measured; from
-    PALLAS_PREFILL_MIN_TOKENS tokens, the Pallas prefill forms where they won (see the constants).
+    decode kernels, which took the least device time at 1 and 16 tokens for every N measured; on long
+    prompts, the Pallas prefill forms where they won (see the constants).
     """
     total_rank = num_adapters * rank
     if tokens is not None and jax.default_backend() == "gpu":
         if _fits_decode_kernels(tokens, num_adapters, rank):
             return "pallas"
-        prefill = tokens >= PALLAS_PREFILL_MIN_TOKENS and rank <= PALLAS_MAX_RANK
-        if prefill and (total_rank <= DENSE_MAX_TOTAL_RANK or total_rank >= PALLAS_GROUPED_MIN_TOTAL_RANK):
+        dense_expand = tokens >= PALLAS_PREFILL_MIN_TOKENS and total_rank <= DENSE_MAX_TOTAL_RANK
+        grouped = tokens >= PALLAS_GROUPED_MIN_TOKENS and total_rank >= PALLAS_GROUPED_MIN_TOTAL_RANK
+        if rank <= PALLAS_MAX_RANK and (dense_expand or grouped):
             return "pallas"
     return "dense" if total_rank <= DENSE_MAX_TOTAL_RANK else "bmm"
 

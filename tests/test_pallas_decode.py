@@ -181,7 +181,8 @@ def test_gated_layer_on_no_tokens_and_auto_past_the_kernels_limits(monkeypatch):
     assert lora_mixture.pick_strategy(28, 8, 8192) == "pallas"  # the dense expand kernel
     assert lora_mixture.pick_strategy(256, 8, 16384) == "bmm"
     assert lora_mixture.pick_strategy(1024, 8, 4096) == "bmm"
-    assert lora_mixture.pick_strategy(1024, 8, 8192) == "pallas"  # the grouped kernels
+    assert lora_mixture.pick_strategy(1024, 8, 8192) == "bmm"
+    assert lora_mixture.pick_strategy(1024, 8, 16384) == "pallas"  # the grouped kernels
     assert lora_mixture.pick_strategy(28, 256, 8192) == "bmm"  # rank past the kernels' 128
     assert lora_mixture.pick_strategy(28, 8) == "dense"  # mixtures alone stay in XLA
     assert lora_mixture.pick_strategy(28, 256, 4) == "bmm"  # rank past the kernels' 128
