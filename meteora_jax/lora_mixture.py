@@ -197,28 +197,12 @@ def compute_gate_logits(x, gate) -> jax.Array:
     return jnp.dot(x.astype(jnp.float32), gate.astype(jnp.float32))[:m]
 
 
-@jax.custom_vjp
 def _split_gate_logits(x, gate):
-    """x (bfloat16) @ gate (float32): the gate rides as two bfloat16 parts (`split_in_two`) in one
-    tensor-core matmul with float32 accumulation, as in `dense_with_gate`: no float32 copy of x, and a
-    fraction of a float32 matmul's time at large N (bench/NOTES.md). Gradients are float32 products, as
-    the plain float32 matmul's (without the custom VJP the gate's would be rounded to bfloat16)."""
-    n = gate.shape[1]
-    hi, lo = split_in_two(gate)
-    parts = jnp.dot(x, jnp.concatenate([hi, lo], axis=1), preferred_element_type=jnp.float32)
-    return parts[:, :n] + parts[:, n:]
-
-
-def _split_gate_logits_forward(x, gate):
-    return _split_gate_logits(x, gate), (x, gate)
-
-
-def _split_gate_logits_backward(residuals, g):
-    x, gate = residuals
-    return jnp.dot(g, gate.T).astype(x.dtype), jnp.dot(x.astype(jnp.float32).T, g)
-
-
-_split_gate_logits.defvjp(_split_gate_logits_forward, _split_gate_logits_backward)
+    """x (bfloat16) @ gate (float32): `_fold_gate_into_shrink` with no adapters' A to fold (rank 0), so the
+    gate rides as two bfloat16 parts in one tensor-core matmul with float32 accumulation: no float32 copy of
+    x, a fraction of a float32 matmul's time at large N (bench/NOTES.md), and float32 gradients."""
+    no_adapters = jnp.zeros((gate.shape[1], x.shape[1], 0), x.dtype)
+    return _fold_gate_into_shrink(x, gate, no_adapters)[1]
 
 
 def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, strategy: str):
