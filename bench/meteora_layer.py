@@ -437,7 +437,7 @@ def markdown_table(rows: list[dict[str, Any]], plan: Plan) -> str:
     for case in plan.cases:
         case_rows = rows_of(rows, case)
         best = best_strategy(case_rows)
-        auto = pick_strategy(case.adapters, RANK, case.tokens)
+        auto = pick_strategy(case.adapters, RANK, case.tokens, jnp.bfloat16)
         if best:
             temps = f"{human_bytes(best['temp_bytes'])} / {human_bytes(case_rows['lora'].get('temp_bytes'))}"
             temp_cell = f"{fmt_ratio(best['temp_vs_lora'])} ({temps})"

@@ -24,14 +24,15 @@ ARGMAX_TOP_K = 4
 PALLAS_DECODE_MAX_TOKENS = 16
 PALLAS_DECODE_MAX_ADAPTERS = 1024
 PALLAS_MAX_RANK = 128
-# From this many tokens `auto` takes the `pallas` prefill forms on a GPU (bench/NOTES.md, H100). For
-# N r <= DENSE_MAX_TOTAL_RANK the dense expand kernel, as fast as `dense` from 4096 tokens (927 against
-# 944 us at 16384) with a third of its temporaries; below this, `dense`, which ties at 4096 tokens and
-# compiles faster (train.gates' first step at 4096 tokens per call: 85 s against 145 s).
+# From this many bfloat16 tokens `auto` takes the `pallas` prefill forms on a GPU (bench/NOTES.md, H100;
+# every crossover was measured in bfloat16). For N r <= DENSE_MAX_TOTAL_RANK the dense expand kernel, as
+# fast as `dense` from 4096 tokens (920 against 940 us at 16384, 4096 -> 4096) with 0.33x a LoRA's
+# temporaries where `dense` holds 1.25x; below this, `dense`, which ties at 4096 tokens and compiles
+# faster (train.gates' first step at 4096 tokens per call: 85 s against 145 s).
 PALLAS_PREFILL_MIN_TOKENS = 8192
 # For N r >= PALLAS_GROUPED_MIN_TOTAL_RANK, from PALLAS_GROUPED_MIN_TOKENS tokens, the grouped (SGMV)
-# kernels: at N = 1024, r = 8, 16384 tokens, 1.88 ms against bmm's 2.09, while bmm led at 4096 tokens
-# (0.56 against 0.82 ms) and at N = 256 (by 5%).
+# kernels: at N = 1024, r = 8, 16384 tokens, 1.90 ms against bmm's 2.10, while bmm led at 4096 tokens
+# (0.56 against 0.83 ms) and at N = 256 (by 4-30%).
 PALLAS_GROUPED_MIN_TOTAL_RANK = 8192
 PALLAS_GROUPED_MIN_TOKENS = 16384
 # The gate matmul pads fewer tokens to this many rows (see compute_gate_logits).
@@ -216,7 +217,7 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
     if x.shape[0] == 0:
         return y, jnp.zeros((0, lora_a.shape[0]), jnp.float32), jnp.zeros((0, top_k), jnp.int32)
     if strategy == "auto":
-        strategy = pick_strategy(lora_a.shape[0], lora_a.shape[-1], x.shape[0])
+        strategy = pick_strategy(lora_a.shape[0], lora_a.shape[-1], x.shape[0], x.dtype)
     if strategy == "dense" and x.dtype == jnp.bfloat16:
         # The delta in y's dtype straight from the matmul: y + delta then becomes the matmul's epilogue
         # (cuBLAS's C operand) instead of a separate pass over [M, O] (bench/NOTES.md).
@@ -264,13 +265,13 @@ def _fits_decode_kernels(tokens: int, num_adapters: int, rank: int) -> bool:
     return 0 < tokens <= PALLAS_DECODE_MAX_TOKENS and fits
 
 
-def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None) -> str:
+def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None, dtype=None) -> str:
     """The `auto` choice, from the crossovers measured on an H100 (bench/NOTES.md).
 
     Mixtures alone (`tokens` None, e.g. forced routing): dense while N * r <= DENSE_MAX_TOTAL_RANK,
     else bmm. The gated layer (`tokens` given) on a GPU: within the decode kernels' limits, the Pallas
     decode kernels, which took the least device time at 1 and 16 tokens for every N measured; on long
-    prompts, the Pallas prefill forms where they won (see the constants).
+    prompts of bfloat16 tokens (`dtype`), the Pallas prefill forms where they won (see the constants).
     """
     total_rank = num_adapters * rank
     if tokens is not None and jax.default_backend() == "gpu":
@@ -278,7 +279,7 @@ def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None) -> st
             return "pallas"
         dense_expand = tokens >= PALLAS_PREFILL_MIN_TOKENS and total_rank <= DENSE_MAX_TOTAL_RANK
         grouped = tokens >= PALLAS_GROUPED_MIN_TOKENS and total_rank >= PALLAS_GROUPED_MIN_TOTAL_RANK
-        if rank <= PALLAS_MAX_RANK and (dense_expand or grouped):
+        if dtype == jnp.bfloat16 and rank <= PALLAS_MAX_RANK and (dense_expand or grouped):
             return "pallas"
     return "dense" if total_rank <= DENSE_MAX_TOTAL_RANK else "bmm"
 

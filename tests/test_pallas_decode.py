@@ -155,6 +155,7 @@ def test_gate_rows_grow_with_the_adapters_and_inputs_until_set():
     assert DecodeBlockSizes().gate_rows(4096, 256) == 128
     assert DecodeBlockSizes().gate_rows(4096, 1024) == 256
     assert DecodeBlockSizes().gate_rows(14336, 28) == 256  # at most 64 shares per token
+    assert DecodeBlockSizes().gate_rows(40, 1024) == 64  # no more rows than the inputs need
     assert DecodeBlockSizes().gate_rows(65536, 1024) == 512  # never past the largest measured tile
     assert DecodeBlockSizes(gate_block_in=256).gate_rows(4096, 28) == 256
 
@@ -177,13 +178,17 @@ def test_gated_layer_on_no_tokens_and_auto_past_the_kernels_limits(monkeypatch):
     monkeypatch.setattr(lora_mixture.jax, "default_backend", lambda: "gpu")
     assert lora_mixture.pick_strategy(28, 8, 16) == "pallas"
     assert lora_mixture.pick_strategy(28, 8, 17) == "dense"
-    assert lora_mixture.pick_strategy(28, 8, 4096) == "dense"  # ties the kernel, compiles faster
-    assert lora_mixture.pick_strategy(28, 8, 8192) == "pallas"  # the dense expand kernel
-    assert lora_mixture.pick_strategy(256, 8, 16384) == "bmm"
-    assert lora_mixture.pick_strategy(1024, 8, 4096) == "bmm"
-    assert lora_mixture.pick_strategy(1024, 8, 8192) == "bmm"
-    assert lora_mixture.pick_strategy(1024, 8, 16384) == "pallas"  # the grouped kernels
-    assert lora_mixture.pick_strategy(28, 256, 8192) == "bmm"  # rank past the kernels' 128
+    bf16 = jnp.bfloat16
+    assert lora_mixture.pick_strategy(28, 8, 4096, bf16) == "dense"  # ties the kernel, compiles faster
+    assert lora_mixture.pick_strategy(28, 8, 8191, bf16) == "dense"
+    assert lora_mixture.pick_strategy(28, 8, 8192, bf16) == "pallas"  # the dense expand kernel
+    assert lora_mixture.pick_strategy(64, 8, 8192, bf16) == "pallas"  # N r = 512
+    assert lora_mixture.pick_strategy(65, 8, 16384, bf16) == "bmm"  # N r = 520
+    assert lora_mixture.pick_strategy(28, 8, 8192, jnp.float32) == "dense"  # measured in bfloat16 only
+    assert lora_mixture.pick_strategy(256, 8, 16384, bf16) == "bmm"
+    assert lora_mixture.pick_strategy(1024, 8, 16383, bf16) == "bmm"
+    assert lora_mixture.pick_strategy(1024, 8, 16384, bf16) == "pallas"  # the grouped kernels
+    assert lora_mixture.pick_strategy(64, 256, 16384, bf16) == "bmm"  # rank past the kernels' 128
     assert lora_mixture.pick_strategy(28, 8) == "dense"  # mixtures alone stay in XLA
     assert lora_mixture.pick_strategy(28, 256, 4) == "bmm"  # rank past the kernels' 128
     assert lora_mixture.pick_strategy(2048, 8, 1) == "bmm"  # adapters past the kernels' 1024

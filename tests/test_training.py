@@ -132,7 +132,7 @@ def test_the_step_compiles_once(toy, caplog, tmp_path):
     assert len(compiles) == 1
 
 
-def test_strategy_flag_reaches_every_meteora_layer(toy, tmp_path, monkeypatch):
+def test_strategy_flag_reaches_the_meteora_layers(toy, tmp_path, monkeypatch):
     root, _, data = toy
     import meteora_jax.meteora as meteora
 

@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-adapters", action="store_true", help="fine-tune the adapters' A and B too")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--remat", action="store_true", help="recompute each layer in the backward pass")
-    p.add_argument("--strategy", choices=STRATEGIES, help="MeteoRA forward strategy (default: the checkpoint's)")
+    p.add_argument("--strategy", choices=STRATEGIES, help="MeteoRA forward strategy (default: auto)")
     p.add_argument("--task-balanced", action="store_true", help="sample every task equally often")
     p.add_argument("--chat-template", action="store_true", help="format examples with the chat template")
     p.add_argument("--pack", action="store_true", help="pack several examples per row")

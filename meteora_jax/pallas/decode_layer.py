@@ -36,22 +36,23 @@ from meteora_jax.pallas.lora_gather import lora_gather_reference
 MAX_TOKENS = PALLAS_DECODE_MAX_TOKENS
 MAX_ADAPTERS = PALLAS_DECODE_MAX_ADAPTERS
 MAX_RANK = PALLAS_MAX_RANK
-# Gate rows per program by adapter count, the best gate + route_shrink time measured at 4096 input
-# features (bench/RESULTS.md: 64 rows at N = 28, 128 at 256, 256 at 1024): small tiles spread a few
-# adapters' gate over many programs, but each route_shrink program sums all of its token's logit shares.
+# Gate rows per program by adapter count at 4096 input features (bench/RESULTS.md): 64 at N = 28 and 256
+# at 1024 by gate + route_shrink time in the tuning sweeps, 128 at 256 by the whole layer's time (64 was
+# ~1 us slower there). Small tiles spread a few adapters' gate over many programs, but each route_shrink
+# program sums all of its token's logit shares.
 GATE_ROWS_BY_ADAPTERS = ((64, 64), (256, 128))
 GATE_ROWS_MANY_ADAPTERS = 256
-# At most this many shares per token, and at most this many rows per gate program (larger tiles were
-# slower in both sweeps).
+# Doubling the rows stops at MAX_GATE_SPLITS shares per token or at MAX_GATE_ROWS rows per program
+# (1024-2048 were slower in the second sweep).
 MAX_GATE_SPLITS = 64
 MAX_GATE_ROWS = 512
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeBlockSizes:
-    """gate_block_in x gate_block_adapters: the gate tile per gate program (gate_num_warps warps: its
-    dots use tensor cores); block_in: input features per route_shrink program; block_out: output
-    features per expand_add program (num_warps warps for these two).
+    """gate_block_in x gate_block_adapters: the gate tile per gate program, read gate_step_rows rows at a
+    time (gate_num_warps warps: its dots use tensor cores); block_in: input features per route_shrink
+    program; block_out: output features per expand_add program (num_warps warps for these two).
 
     Defaults from bench/decode_tuning.py on an H100 (4096 -> 4096 and 14336, r = 8, N = 28 and 1024);
     gate_block_in None picks the rows per gate program from N (see gate_rows).
@@ -69,11 +70,13 @@ class DecodeBlockSizes:
         check_powers_of_two(self, ("gate_block_in", "gate_block_adapters", "gate_step_rows", "block_in", "block_out"))
 
     def gate_rows(self, in_features: int, num_adapters: int) -> int:
-        """gate_block_in, or by default the rows that GATE_ROWS_BY_ADAPTERS gives for N, doubled (up to
-        MAX_GATE_ROWS) while that leaves more than MAX_GATE_SPLITS shares per token."""
+        """gate_block_in, or by default the rows that GATE_ROWS_BY_ADAPTERS gives for N (at most the
+        input features, rounded up to a power of two), doubled up to MAX_GATE_ROWS while that leaves more
+        than MAX_GATE_SPLITS shares per token."""
         if self.gate_block_in is not None:
             return self.gate_block_in
         rows = next((r for most, r in GATE_ROWS_BY_ADAPTERS if num_adapters <= most), GATE_ROWS_MANY_ADAPTERS)
+        rows = min(rows, max(pl.next_power_of_2(in_features), 16))
         while pl.cdiv(in_features, rows) > MAX_GATE_SPLITS and rows < MAX_GATE_ROWS:
             rows *= 2
         return rows
@@ -98,8 +101,8 @@ def _gate_kernel(x_ref, gate_ref, shares_ref, *, tokens, in_features, num_adapte
     cols = first + jnp.arange(blocks.gate_block_adapters)
     step_rows = min(blocks.gate_step_rows, gate_rows)
 
-    # The program's rows in steps, so that the compiler pipelines the loads and a large tile does not
-    # sit in registers at once (one 512 x 32 float32 tile spilled at two warps, bench/NOTES.md).
+    # The program's rows in steps, so that a large tile does not sit in registers at once (one 512 x 32
+    # float32 tile spilled at two warps: 180 us); the steps do not overlap their loads (bench/NOTES.md).
     def step(i, share):
         start = split * gate_rows + i * step_rows
         rows = start + jnp.arange(step_rows)
