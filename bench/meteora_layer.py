@@ -16,8 +16,12 @@ dispatch jitter that puts outliers into the wall-time samples of large ones. Tem
 compiled executable's temp_size_in_bytes. Variants whose compiled temporaries exceed 60 GB are skipped;
 out-of-memory at run time is recorded as "oom".
 
+Routing: the random gate spreads each token's two slots over random adapters (the worst case for the
+grouped kernels). `--segment-tokens L` instead feeds cases of more than 256 tokens runs of L tokens that
+each favour one random pair of adapters, as the tokens of one task in a prompt route alike.
+
 Usage (GPU, about 5 minutes):
-    python bench/meteora_layer.py [--out FILE]
+    python bench/meteora_layer.py [--out FILE] [--segment-tokens L]
 Usage (CPU test with tiny shapes):
     python bench/meteora_layer.py --smoke --out /tmp/ml.json
 
@@ -68,6 +72,7 @@ INPUT_SETS = 3
 # Few-token cases run this many layers, each with its own weights, inside one program (see `repeated`).
 LAYERS_PER_PROGRAM = 32
 MAX_REPEATED_TOKENS = 256
+SEGMENT_PUSH = 6.0  # unit-normal x gives logits of spread ~1; the top of 1024 others sits near 3.2
 STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas")
 XLA_STRATEGIES = ("loop", "bmm", "dense", "grouped")
 VARIANTS = ("base", "lora", *STRATEGIES)
@@ -110,6 +115,7 @@ class Plan:
     seconds_per_variant: float  # timing budget per variant, compile not counted
     sample_seconds: float  # batch enough back-to-back calls that one sample lasts about this long
     variants: tuple[str, ...] = VARIANTS
+    segment_tokens: int | None = None  # routing in runs of this many tokens (see segment_inputs); None: random
 
 
 def grid(pairs: Sequence[tuple[int, int]], adapters: Sequence[int], tokens: Sequence[int]) -> list[Case]:
@@ -143,6 +149,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(to split a run; the targets are checked on the cases measured)")
     parser.add_argument("--tokens", help="comma-separated T: measure only the cases with these token counts")
     parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (base and lora always run)")
+    parser.add_argument("--segment-tokens", type=int, help="route cases of > 256 tokens in runs of this many tokens, "
+                        "each favouring one pair of adapters (default: a random gate's spread)")
     return parser.parse_args(argv)
 
 
@@ -207,6 +215,19 @@ def make_params(case: Case, key) -> dict[str, jax.Array]:
         "lora_b": normal(k[5], (n, RANK, o), RANK**-0.5),
         "scaling": jnp.full((n,), LORA_SCALING, jnp.float32),
     }
+
+
+def segment_inputs(key, tokens: int, gate: jax.Array, segment_tokens: int) -> jax.Array:
+    """x [tokens, in] in runs of segment_tokens tokens, each run pushed along the sum of two random adapters'
+    gate columns: their logits rise by ~SEGMENT_PUSH spreads of the others', so the run routes to that pair."""
+    i, n = gate.shape
+    segments = -(-tokens // segment_tokens)
+    k_noise, k_pairs = jax.random.split(key)
+    pairs = jnp.argsort(jax.random.uniform(k_pairs, (segments, n)), axis=1)[:, :2]
+    direction = gate.T[pairs].sum(axis=1)  # [segments, in]; each gate column has norm ~1
+    runs = jnp.repeat(direction, segment_tokens, axis=0)[:tokens]
+    noise = jax.random.normal(k_noise, (tokens, i), jnp.float32)
+    return (noise + SEGMENT_PUSH * runs).astype(jnp.bfloat16)
 
 
 def routing_spread(x: jax.Array, params: dict[str, jax.Array]) -> dict[str, Any]:
@@ -335,10 +356,14 @@ def measure_group(cases: list[Case], plan: Plan, key) -> list[dict[str, Any]]:
     rows = []
     for case in cases:
         x_keys = jax.random.split(jax.random.fold_in(key, case.tokens), INPUT_SETS)
-        xs = [normal(k, (case.tokens, case.in_features), 1.0) for k in x_keys]
         if case.tokens <= MAX_REPEATED_TOKENS:
+            xs = [normal(k, (case.tokens, case.in_features), 1.0) for k in x_keys]
             inputs = [(x, tuple(params)) for x in xs]
         else:
+            if plan.segment_tokens:
+                xs = [segment_inputs(k, case.tokens, p["gate"], plan.segment_tokens) for k, p in zip(x_keys, params)]
+            else:
+                xs = [normal(k, (case.tokens, case.in_features), 1.0) for k in x_keys]
             inputs = list(zip(xs, params))
         spread = routing_spread(xs[0], params[0])
         case_rows = []
@@ -471,8 +496,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {','.join(STRATEGIES)}")
         plan = dataclasses.replace(plan, variants=("base", "lora", *(v for v in STRATEGIES if v in wanted)))
+    if args.segment_tokens:
+        plan = dataclasses.replace(plan, segment_tokens=args.segment_tokens)
     out = args.out or default_result_path("meteora_layer.json")
-    report: dict[str, Any] = {**environment(), "smoke": args.smoke, "results": []}
+    report: dict[str, Any] = {**environment(), "smoke": args.smoke, "segment_tokens": plan.segment_tokens,
+                              "results": []}
     log(f"{report['device']} ({report['jax_backend']}), jax {jax.__version__}; {len(plan.cases)} shapes -> {out}")
     key = jax.random.key(0)
     groups = itertools.groupby(plan.cases, key=lambda c: (c.in_features, c.out_features, c.adapters))
