@@ -139,10 +139,20 @@ def dense_with_gate(x, gate, lora_a, lora_b, scaling, top_k: int, temperature, o
     Returns (delta [M, O] in out_dtype, gate logits [M, N] float32, indices [M, K]). For bfloat16 x
     (see `_fold_gate_into_shrink`).
     """
-    h, logits = _fold_gate_into_shrink(x, gate.astype(jnp.float32), lora_a.astype(x.dtype))
-    indices, mix = route(logits, top_k, temperature)
-    delta = _mix_all_adapters(h, lora_b, scaling.astype(jnp.float32), indices, mix, x.dtype, out_dtype)
-    return delta, logits, indices
+    routed, logits, indices = _routed_shrink(x, gate, lora_a, scaling, top_k, temperature)
+    return jnp.einsum("MNR,NRO->MO", routed, lora_b, preferred_element_type=out_dtype), logits, indices
+
+
+def _routed_shrink(x, gate, lora_a, scaling, top_k: int, temperature):
+    """The gate logits [M, N], the routing indices [M, K], and every adapter's x A [M, N, R] scaled by its
+    sparse coefficient, in x's dtype; for bfloat16 x the gate rides in the x A matmul."""
+    if x.dtype == jnp.bfloat16:
+        h, logits = _fold_gate_into_shrink(x, gate.astype(jnp.float32), lora_a.astype(x.dtype))
+    else:
+        logits = compute_gate_logits(x, gate)
+        h = jnp.einsum("MI,NIR->MNR", x, lora_a.astype(x.dtype), preferred_element_type=jnp.float32)
+    indices, weights = route(logits, top_k, temperature)
+    return _scale_by_routing(h, scaling.astype(jnp.float32), indices, weights, x.dtype), logits, indices
 
 
 @jax.custom_vjp
@@ -248,14 +258,8 @@ def _pallas_dense_expand(x, y, gate, lora_a, lora_b, scaling, top_k: int, temper
 
     m = x.shape[0]
     n, _, r = lora_a.shape
-    if x.dtype == jnp.bfloat16:
-        h, logits = _fold_gate_into_shrink(x, gate.astype(jnp.float32), lora_a.astype(x.dtype))
-    else:
-        logits = compute_gate_logits(x, gate)
-        h = jnp.einsum("MI,NIR->MNR", x, lora_a.astype(x.dtype), preferred_element_type=jnp.float32)
-    indices, weights = route(logits, top_k, temperature)
-    routed = _scale_by_routing(h, scaling.astype(jnp.float32), indices, weights, x.dtype).reshape(m, n * r)
-    y = dense_expand_add(routed, lora_b.astype(x.dtype).reshape(n * r, -1), y,
+    routed, logits, indices = _routed_shrink(x, gate, lora_a, scaling, top_k, temperature)
+    y = dense_expand_add(routed.reshape(m, n * r), lora_b.astype(x.dtype).reshape(n * r, -1), y,
                          interpret=jax.default_backend() != "gpu")
     return y, logits, indices
 
