@@ -3,10 +3,12 @@
 Each configuration runs as 32 chained calls with their own gates and adapters in one program (as
 kernel_trace.py), and the profiler's time of each kernel is reported per call. The gate tile is swept
 with the other kernels at their defaults, then the shrink and expand blocks with the gate at its
-default; each kernel's best is read off separately (the last two share num_warps), and the gate tiles
+default; each kernel's best is read off separately, and the gate tiles
 by the sum of gate and route_shrink (route_shrink sums one logit share per gate program).
 
-Usage (GPU): python bench/decode_tuning.py [--out FILE]
+Usage (GPU): python bench/decode_tuning.py [--out FILE] [--gate-dtype bfloat16] [--cases T:N:O,...]
+                [--gate-tiles ROWSxADAPTERS,...] [--gate-steps ROWS,...] [--gate-warps W,...]
+                [--blocks INxOUT,...] [--warps W,...]
 """
 
 from __future__ import annotations
@@ -45,16 +47,19 @@ GATE_WARPS = (4,)
 BLOCKS = [(128, 128), (128, 256), (256, 128)]  # (block_in, block_out); the first run swept these wider
 WARPS = (1,)
 
-def configs() -> list[DecodeBlockSizes]:
+def configs(gate_tiles: Sequence[tuple[int, int]] = GATE_TILES, blocks: Sequence[tuple[int, int]] = BLOCKS,
+            warps: Sequence[int] = WARPS, gate_steps: Sequence[int] = GATE_STEPS,
+            gate_warps: Sequence[int] = GATE_WARPS) -> list[DecodeBlockSizes]:
     default = DecodeBlockSizes()
     gate = [dataclasses.replace(default, gate_block_in=i, gate_block_adapters=n, gate_step_rows=step, gate_num_warps=w)
-            for (i, n), step, w in itertools.product(GATE_TILES, GATE_STEPS, GATE_WARPS) if step <= i]
-    rest = [dataclasses.replace(default, block_in=i, block_out=o, num_warps=w)
-            for (i, o), w in itertools.product(BLOCKS, WARPS)]
-    return gate + [c for c in rest if c not in gate]
+            for (i, n), step, w in itertools.product(gate_tiles, gate_steps, gate_warps) if step <= i]
+    # Each config sets both kernels' warps; each kernel's best is read off separately.
+    rest = [dataclasses.replace(default, block_in=i, block_out=o, shrink_num_warps=w, num_warps=w)
+            for (i, o), w in itertools.product(blocks, warps)]
+    return list(dict.fromkeys([default, *gate, *rest]))
 
 
-def weights(tokens: int, adapters: int, out_features: int):
+def weights(tokens: int, adapters: int, out_features: int, gate_dtype: str = "float32"):
     keys = jax.random.split(jax.random.key(tokens + adapters), 3 * CALLS + 1)
     x = jax.random.normal(keys[0], (tokens, IN_FEATURES), jnp.bfloat16)
     sets = []
@@ -63,7 +68,7 @@ def weights(tokens: int, adapters: int, out_features: int):
         sets.append({
             "a": (jax.random.normal(ka, (adapters, IN_FEATURES, RANK)) * IN_FEATURES**-0.5).astype(jnp.bfloat16),
             "b": (jax.random.normal(kb, (adapters, RANK, out_features)) * RANK**-0.5).astype(jnp.bfloat16),
-            "gate": jax.random.normal(kg, (IN_FEATURES, adapters)) * IN_FEATURES**-0.5,
+            "gate": (jax.random.normal(kg, (IN_FEATURES, adapters)) * IN_FEATURES**-0.5).astype(gate_dtype),
             "scaling": jnp.full((adapters,), 2.0, jnp.float32),
         })
     return x, tuple(sets)
@@ -89,21 +94,40 @@ def kernel_us(blocks: DecodeBlockSizes, x, sets, out_features: int) -> dict[str,
     return dict(totals)
 
 
+def pairs(text: str) -> list[tuple[int, int]]:
+    return [tuple(map(int, item.split("x"))) for item in text.split(",")]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--gate-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the gates as held (meteora_checkpoint.cast_gates)")
+    parser.add_argument("--cases", help="comma-separated T:N:out cases (default: %s)" %
+                        ",".join(":".join(map(str, c)) for c in CASES))
+    parser.add_argument("--gate-tiles", help="comma-separated ROWSxADAPTERS gate tiles to sweep")
+    parser.add_argument("--gate-steps", help="comma-separated gate_step_rows to sweep")
+    parser.add_argument("--gate-warps", help="comma-separated gate_num_warps to sweep")
+    parser.add_argument("--blocks", help="comma-separated INxOUT route_shrink / expand_add blocks to sweep")
+    parser.add_argument("--warps", help="comma-separated warps of route_shrink and expand_add to sweep")
     args = parser.parse_args(argv)
     out = args.out or default_result_path("decode_tuning.json")
+    cases = [tuple(map(int, c.split(":"))) for c in args.cases.split(",")] if args.cases else CASES
+    gate_tiles = pairs(args.gate_tiles) if args.gate_tiles else GATE_TILES
+    blocks = pairs(args.blocks) if args.blocks else BLOCKS
+    warps = [int(w) for w in args.warps.split(",")] if args.warps else WARPS
+    gate_steps = [int(w) for w in args.gate_steps.split(",")] if args.gate_steps else GATE_STEPS
+    gate_warps = [int(w) for w in args.gate_warps.split(",")] if args.gate_warps else GATE_WARPS
     rows = []
-    for tokens, adapters, out_features in CASES:
-        x, sets = weights(tokens, adapters, out_features)
-        for blocks in configs():
+    for tokens, adapters, out_features in cases:
+        x, sets = weights(tokens, adapters, out_features, args.gate_dtype)
+        for config in configs(gate_tiles, blocks, warps, gate_steps, gate_warps):
             rows.append({"tokens": tokens, "adapters": adapters, "out_features": out_features,
-                         **dataclasses.asdict(blocks), **kernel_us(blocks, x, sets, out_features)})
+                         **dataclasses.asdict(config), **kernel_us(config, x, sets, out_features)})
         del sets
         out.parent.mkdir(parents=True, exist_ok=True)  # after each case, so that a run cut short keeps it
-        report = {**environment(), "calls_per_program": CALLS, "defaults": dataclasses.asdict(DecodeBlockSizes()),
-                  "results": rows}
+        report = {**environment(), "calls_per_program": CALLS, "gate_dtype": args.gate_dtype,
+                  "defaults": dataclasses.asdict(DecodeBlockSizes()), "results": rows}
         out.write_text(json.dumps(report, indent=1) + "\n")
     print("\n".join(decode_tuning_section(report)))
     return 0

@@ -4,7 +4,8 @@ Every shape is bf16 with top-k 2 and rank 8: in -> out features, N adapters, T t
     base                       x @ W
     lora                       x @ W + s * (x @ A) @ B, one rank-8 adapter
     loop, bmm, dense,          the full MeteoRA layer as MeteoraDense runs it (lora_mixture.gated_output):
-    grouped, pallas            x @ W, the float32 gate logits, the top-k routing and the mixture
+    grouped, pallas            x @ W, the gate logits (float32; of the bfloat16 product for --gate-dtype
+                               bfloat16), the top-k routing and the mixture
 A variant's time is the median over samples; one sample is R calls dispatched back to back (rotating over
 3 input sets) and waited on once, divided by R (the JSON's samples_ms are these, per program call). Cases
 of <= 256 tokens run as one program of 32 layer calls, each with its own weights (as the layers of a
@@ -116,6 +117,7 @@ class Plan:
     sample_seconds: float  # batch enough back-to-back calls that one sample lasts about this long
     variants: tuple[str, ...] = VARIANTS
     segment_tokens: int | None = None  # routing in runs of this many tokens (see segment_inputs); None: random
+    gate_dtype: str = "float32"  # the MeteoRA gates as held (meteora_checkpoint.cast_gates)
 
 
 def grid(pairs: Sequence[tuple[int, int]], adapters: Sequence[int], tokens: Sequence[int]) -> list[Case]:
@@ -151,6 +153,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (base and lora always run)")
     parser.add_argument("--segment-tokens", type=int, help="route cases of > 256 tokens in runs of this many tokens, "
                         "each favouring one pair of adapters (default: a random gate's spread)")
+    parser.add_argument("--gate-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the gates as held: float32 (as trained) or bfloat16 (inference, see "
+                        "meteora_checkpoint.cast_gates)")
     return parser.parse_args(argv)
 
 
@@ -201,7 +206,7 @@ def normal(key, shape, std: float, dtype=jnp.bfloat16) -> jax.Array:
     return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def make_params(case: Case, key) -> dict[str, jax.Array]:
+def make_params(case: Case, key, gate_dtype: str = "float32") -> dict[str, jax.Array]:
     """One input set's weights; the 1/sqrt(fan-in) scales keep every term of the output of order one."""
     i, o, n = case.in_features, case.out_features, case.adapters
     k = jax.random.split(key, 6)
@@ -210,7 +215,7 @@ def make_params(case: Case, key) -> dict[str, jax.Array]:
         "a": normal(k[1], (i, RANK), i**-0.5),
         "b": normal(k[2], (RANK, o), RANK**-0.5),
         # Gate logits of unit spread per adapter: every adapter gets a share of the tokens.
-        "gate": normal(k[3], (i, n), i**-0.5, jnp.float32),
+        "gate": normal(k[3], (i, n), i**-0.5, jnp.dtype(gate_dtype)),
         "lora_a": normal(k[4], (n, i, RANK), i**-0.5),
         "lora_b": normal(k[5], (n, RANK, o), RANK**-0.5),
         "scaling": jnp.full((n,), LORA_SCALING, jnp.float32),
@@ -352,7 +357,7 @@ def measure_group(cases: list[Case], plan: Plan, key) -> list[dict[str, Any]]:
     LAYERS_PER_PROGRAM layers (all weight sets) per input set, larger ones one layer call per input set."""
     few_tokens = any(case.tokens <= MAX_REPEATED_TOKENS for case in cases)
     param_keys = jax.random.split(key, LAYERS_PER_PROGRAM if few_tokens else INPUT_SETS)
-    params = [make_params(cases[0], k) for k in param_keys]
+    params = [make_params(cases[0], k, plan.gate_dtype) for k in param_keys]
     rows = []
     for case in cases:
         x_keys = jax.random.split(jax.random.fold_in(key, case.tokens), INPUT_SETS)
@@ -496,11 +501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {','.join(STRATEGIES)}")
         plan = dataclasses.replace(plan, variants=("base", "lora", *(v for v in STRATEGIES if v in wanted)))
-    if args.segment_tokens:
-        plan = dataclasses.replace(plan, segment_tokens=args.segment_tokens)
+    plan = dataclasses.replace(plan, segment_tokens=args.segment_tokens, gate_dtype=args.gate_dtype)
     out = args.out or default_result_path("meteora_layer.json")
     report: dict[str, Any] = {**environment(), "smoke": args.smoke, "segment_tokens": plan.segment_tokens,
-                              "results": []}
+                              "gate_dtype": plan.gate_dtype, "results": []}
     log(f"{report['device']} ({report['jax_backend']}), jax {jax.__version__}; {len(plan.cases)} shapes -> {out}")
     key = jax.random.key(0)
     groups = itertools.groupby(plan.cases, key=lambda c: (c.in_features, c.out_features, c.adapters))

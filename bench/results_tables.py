@@ -54,8 +54,9 @@ def layer_section(runs: list[dict], title: str, method: str) -> list[str]:
     lines = [
         f"## {title}\n",
         f"Date {run['date'][:10]}; {run['device']}; jax {v['jax']}, jaxlib {v['jaxlib']}, Python {v['python']}. One "
-        "layer forward (base matmul + float32 gate logits + top-2 routing + adapter mixture), bf16, k = 2, r = 8. "
-        f"Time: median over samples. {LAYER_METHODS[method]} Temp: XLA's compiled temporary bytes.\n",
+        f"layer forward (base matmul + {gate_description(run)} + top-2 routing + adapter mixture), bf16, k = 2, r = 8. "
+        f"Time: median over samples. {LAYER_METHODS[method]} Temp: XLA's compiled temporary bytes."
+        f"{routing_note(run)}\n",
     ]
     results = [r for run in runs for r in run["results"]]
     variants = ["base", "lora", *[s for s in STRATEGIES if any(r["variant"] == s for r in results)]]
@@ -84,6 +85,19 @@ def layer_section(runs: list[dict], title: str, method: str) -> list[str]:
     return lines + [""]
 
 
+def gate_description(run: dict) -> str:
+    if run.get("gate_dtype") == "bfloat16":
+        return "gate logits of a bfloat16 gate (`--gate-dtype bfloat16`, float32 accumulation)"
+    return "float32 gate logits"
+
+
+def routing_note(run: dict) -> str:
+    if not run.get("segment_tokens"):
+        return " Routing: a random gate spreads the tokens over the adapters."
+    return (f" Routing as prompts have it (`--segment-tokens {run['segment_tokens']}`): cases of more than 256 tokens "
+            f"come in runs of {run['segment_tokens']} tokens that each route to one pair of adapters.")
+
+
 def kernel_time_table(rows: dict[tuple, dict], variants: list[str], strategies: list[str]) -> list[str]:
     """The profiler's kernel time per call (device busy time), where the run recorded it."""
     timed = {key: case for key, case in rows.items() if case.get("lora", {}).get("kernel_ms")}
@@ -101,9 +115,9 @@ def kernel_time_table(rows: dict[tuple, dict], variants: list[str], strategies: 
     return lines + [""]
 
 
-def decode_tuning_section(run: dict) -> list[str]:
+def decode_tuning_section(run: dict, subtitle: str | None = None) -> list[str]:
     lines = [
-        "## Decode-kernel block sizes (`decode_tuning.py`)\n",
+        f"## Decode-kernel block sizes (`decode_tuning.py`){f', {subtitle}' if subtitle else ''}\n",
         f"Date {run['date'][:10]}; {run['device']}; jax {run['versions']['jax']}. The three decode kernels alone "
         f"(gate, route_shrink, expand_add), {run['calls_per_program']} chained calls per program, profiler kernel "
         "time per call; 4096 -> out, bf16, r = 8, k = 2. Each kernel's best configuration, and the time of the "
@@ -112,8 +126,9 @@ def decode_tuning_section(run: dict) -> list[str]:
         "|---:|---:|---:|---|---|---:|---:|",
     ]
     gate_fields = ("gate_block_in", "gate_block_adapters", "gate_step_rows", "gate_num_warps")
+    shrink_warps = "shrink_num_warps" if "shrink_num_warps" in run["defaults"] else "num_warps"  # older runs shared
     fields = {"gate": tuple(f for f in gate_fields if f in run["defaults"]),
-              "route_shrink": ("block_in", "num_warps"), "expand_add": ("block_out", "num_warps")}
+              "route_shrink": ("block_in", shrink_warps), "expand_add": ("block_out", "num_warps")}
     cases = list(dict.fromkeys((r["tokens"], r["adapters"], r["out_features"]) for r in run["results"]))
     for case in cases:
         mine = [r for r in run["results"] if (r["tokens"], r["adapters"], r["out_features"]) == case]
@@ -245,6 +260,17 @@ def main() -> None:
     lines += generate_section([load("generate_throughput_8b.json"), load("generate_throughput_smollm2.json")])
     lines += layer_section([load("meteora_layer_n28.json"), load("meteora_layer_many.json")],
                            "MeteoRA layer (`meteora_layer.py`), with the Pallas decode and prefill kernels", "chained")
+    lines += layer_section([load("meteora_layer_many_gate_bf16.json")],
+                           "MeteoRA layer, many adapters, bfloat16 gates (inference)", "chained")
+    lines += layer_section([load("meteora_layer_segments.json")],
+                           "MeteoRA layer, many adapters, routing in runs of tokens", "chained")
+    lines += layer_section([load("meteora_layer_segments_gate_bf16.json")],
+                           "MeteoRA layer, many adapters, routing in runs of tokens, bfloat16 gates", "chained")
+    lines += decode_tuning_section(load("decode_tuning_gate_bf16.json"), "bfloat16 gates, gate tiles")
+    lines += decode_tuning_section(load("decode_tuning_shared_warps_bf16.json"),
+                                   "bfloat16 gates, route_shrink and expand_add warps (then shared)")
+    lines += decode_tuning_section(load("decode_tuning_gate_step_rows_bf16.json"),
+                                   "bfloat16 gates, gate rows per step (route_shrink at 256 inputs, 4 warps)")
     lines += layer_section([load("meteora_layer_decode.json")],
                            "MeteoRA layer, few-token cases after the decode gate's tiles moved (rows by N, read in "
                            "steps)", "chained")

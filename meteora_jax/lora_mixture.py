@@ -147,7 +147,7 @@ def _routed_shrink(x, gate, lora_a, scaling, top_k: int, temperature):
     """The gate logits [M, N], the routing indices [M, K], and every adapter's x A [M, N, R] scaled by its
     sparse coefficient, in x's dtype; for bfloat16 x the gate rides in the x A matmul."""
     if x.dtype == jnp.bfloat16:
-        h, logits = _fold_gate_into_shrink(x, gate.astype(jnp.float32), lora_a.astype(x.dtype))
+        h, logits = _fold_gate_into_shrink(x, _gate_operand(gate), lora_a.astype(x.dtype))
     else:
         logits = compute_gate_logits(x, gate)
         h = jnp.einsum("MI,NIR->MNR", x, lora_a.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -155,17 +155,25 @@ def _routed_shrink(x, gate, lora_a, scaling, top_k: int, temperature):
     return _scale_by_routing(h, scaling.astype(jnp.float32), indices, weights, x.dtype), logits, indices
 
 
+def _gate_operand(gate):
+    """The gate as the bfloat16 matmuls take it: a bfloat16 gate (inference, see meteora.cast_gates) as it is,
+    any other in float32, which they split in two."""
+    return gate if gate.dtype == jnp.bfloat16 else gate.astype(jnp.float32)
+
+
 @jax.custom_vjp
 def _fold_gate_into_shrink(x, gate, lora_a):
     """(every adapter's x A [M, N, R], gate logits [M, N]), both float32, from one bfloat16 matmul of x with
-    [A | gate_hi | gate_lo] (`split_in_two`) with float32 accumulation. Gradients are float32 products
-    (without the custom VJP the gate's would be rounded to bfloat16)."""
+    [A | gate_hi | gate_lo] (`split_in_two`) with float32 accumulation; a bfloat16 gate rides whole, as
+    [A | gate]. Gradients are float32 products (without the custom VJP the gate's would be rounded to
+    bfloat16)."""
     m, i = x.shape
     n, _, r = lora_a.shape
-    hi, lo = split_in_two(gate)
-    weights = jnp.concatenate([jnp.swapaxes(lora_a, 0, 1).reshape(i, n * r), hi, lo], axis=1)
-    both = jnp.dot(x, weights, preferred_element_type=jnp.float32)  # [M, N*R + 2N]
-    return both[:, : n * r].reshape(m, n, r), both[:, n * r : n * r + n] + both[:, n * r + n :]
+    parts = [gate] if gate.dtype == jnp.bfloat16 else list(split_in_two(gate))
+    weights = jnp.concatenate([jnp.swapaxes(lora_a, 0, 1).reshape(i, n * r), *parts], axis=1)
+    both = jnp.dot(x, weights, preferred_element_type=jnp.float32)  # [M, N*R + parts*N]
+    logits = sum(both[:, n * r + p * n : n * r + (p + 1) * n] for p in range(len(parts)))
+    return both[:, : n * r].reshape(m, n, r), logits
 
 
 def _fold_forward(x, gate, lora_a):
@@ -176,9 +184,9 @@ def _fold_backward(residuals, cotangents):
     x, gate, lora_a = residuals
     dh, dlogits = cotangents
     x32 = x.astype(jnp.float32)
-    dx = jnp.einsum("MNR,NIR->MI", dh, lora_a.astype(jnp.float32)) + jnp.dot(dlogits, gate.T)
+    dx = jnp.einsum("MNR,NIR->MI", dh, lora_a.astype(jnp.float32)) + jnp.dot(dlogits, gate.T.astype(jnp.float32))
     da = jnp.einsum("MI,MNR->NIR", x32, dh)
-    return dx.astype(x.dtype), jnp.dot(x32.T, dlogits), da.astype(lora_a.dtype)
+    return dx.astype(x.dtype), jnp.dot(x32.T, dlogits).astype(gate.dtype), da.astype(lora_a.dtype)
 
 
 _fold_gate_into_shrink.defvjp(_fold_forward, _fold_backward)
@@ -197,21 +205,22 @@ def split_in_two(value):
 
 
 def compute_gate_logits(x, gate) -> jax.Array:
-    """x @ gate in float32, [M, N]. For bfloat16 x see `_split_gate_logits`. Below GATE_MIN_ROWS tokens XLA
-    lowers the dot to a multiply and a reduction that cost 2-3x a matrix product on an H100 (bench/NOTES.md);
-    zero rows keep it a product."""
+    """x @ gate [M, N] in float32: float32-accurate for a float32 gate, the bfloat16 product for a bfloat16 one
+    (meteora.cast_gates). For bfloat16 x see `_split_gate_logits`. Below GATE_MIN_ROWS tokens XLA lowers the
+    dot to a multiply and a reduction that cost 2-3x a matrix product on an H100 (bench/NOTES.md); zero rows
+    keep it a product."""
     m = x.shape[0]
     if m < GATE_MIN_ROWS:
         x = jnp.concatenate([x, jnp.zeros((GATE_MIN_ROWS - m, x.shape[1]), x.dtype)])
     if x.dtype == jnp.bfloat16:
-        return _split_gate_logits(x, gate.astype(jnp.float32))[:m]
+        return _split_gate_logits(x, _gate_operand(gate))[:m]
     return jnp.dot(x.astype(jnp.float32), gate.astype(jnp.float32))[:m]
 
 
 def _split_gate_logits(x, gate):
-    """x (bfloat16) @ gate (float32): `_fold_gate_into_shrink` with no adapters' A to fold (rank 0), so the
-    gate rides as two bfloat16 parts in one tensor-core matmul with float32 accumulation: no float32 copy of
-    x, a fraction of a float32 matmul's time at large N (bench/NOTES.md), and float32 gradients."""
+    """x (bfloat16) @ gate: `_fold_gate_into_shrink` with no adapters' A to fold (rank 0), so a float32 gate
+    rides as two bfloat16 parts in one tensor-core matmul with float32 accumulation: no float32 copy of x, a
+    fraction of a float32 matmul's time at large N (bench/NOTES.md), and float32 gradients."""
     no_adapters = jnp.zeros((gate.shape[1], x.shape[1], 0), x.dtype)
     return _fold_gate_into_shrink(x, gate, no_adapters)[1]
 

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from meteora_jax.checkpoint import LoadedModel, atomic_directory, load_model, read_params, write_params
 from meteora_jax.config import LlamaConfig
@@ -90,11 +92,13 @@ def meteora_config(manifest: dict[str, Any], **overrides) -> MeteoraConfig:
 
 
 def load_meteora(base: str | os.PathLike, meteora: str | os.PathLike, *, dtype: str | None = None,
-                 remat: bool = False, **meteora_overrides) -> LoadedModel:
+                 remat: bool = False, gate_dtype: str = "float32", **meteora_overrides) -> LoadedModel:
     """The base model with the MeteoRA banks of `meteora` in every targeted projection.
 
+    gate_dtype: how the gates are held (see `cast_gates`); "bfloat16" is for inference only.
     meteora_overrides: MeteoraConfig fields (top_k, temperature, strategy) replacing the manifest's.
     """
+    _check_gate_dtype(gate_dtype)
     loaded = load_model(base, dtype=dtype, remat=remat)
     tree, manifest = read_meteora(meteora)
     mismatched = {k: (v, getattr(loaded.config, k)) for k, v in manifest["base"].items()
@@ -104,7 +108,34 @@ def load_meteora(base: str | os.PathLike, meteora: str | os.PathLike, *, dtype: 
         raise ValueError(f"MeteoRA checkpoint {meteora} was built for another base model ({detail})")
     config = meteora_config(manifest, **meteora_overrides)
     module = LlamaForCausalLM(loaded.config, linear=MeteoraLinear(config))
-    return LoadedModel(loaded.config, module, merge_params(tree, loaded.params), loaded.tokenizer)
+    return LoadedModel(loaded.config, module, merge_params(cast_gates(tree, gate_dtype), loaded.params),
+                       loaded.tokenizer)
+
+
+GATE_DTYPES = ("float32", "bfloat16")
+
+
+def cast_gates(params: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """`params` with every MeteoRA gate held in `dtype`; the other leaves are untouched.
+
+    The layers compute in the gate's own precision: float32 gates (as trained and saved) give float32-accurate
+    logits; bfloat16 gates halve the gate's bytes and give logits of the bfloat16 product, for inference with
+    many adapters, where the gate is the largest read of a decode step (bench/NOTES.md). Near-ties between
+    adapters may then route differently; train and save gates in float32.
+    """
+    _check_gate_dtype(dtype)
+    flat = traverse_util.flatten_dict(params)
+    if not any(key[-2:] == ("meteora", "gate") for key in flat):
+        raise ValueError("no MeteoRA gates (meteora/gate leaves) in the tree: is it a MeteoRA model?")
+    gate_dtype = jnp.dtype(dtype)
+    return traverse_util.unflatten_dict(
+        {key: value.astype(gate_dtype) if key[-2:] == ("meteora", "gate") else value for key, value in flat.items()}
+    )
+
+
+def _check_gate_dtype(dtype: str) -> None:
+    if dtype not in GATE_DTYPES:
+        raise ValueError(f"gate_dtype={dtype!r}; choose one of {GATE_DTYPES}")
 
 
 def split_banks(params: dict[str, Any]) -> dict[str, Any]:

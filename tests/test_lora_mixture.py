@@ -162,3 +162,57 @@ def test_16_bit_gate_logits_stay_float32_accurate_when_compiled_for_the_gpu():
     assert rel_error(jax.jit(compute_gate_logits)(x, gate), exact) < 1e-4
     folded = jax.jit(dense_with_gate, static_argnums=(5,))(x, gate, a, b, jnp.ones(28), 2, 1.0)[1]
     assert rel_error(folded, exact) < 1e-4
+
+
+def gated_problem(seed, m=40, i=64, o=48, n=6, r=4):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, i)), jnp.bfloat16)
+    y = jnp.asarray(rng.standard_normal((m, o)), jnp.bfloat16)
+    # Logits of spread ~3: no near-ties that the strategies' summation orders could split differently.
+    gate = jnp.asarray(rng.standard_normal((i, n)) * 0.4, jnp.bfloat16)
+    a = jnp.asarray(rng.standard_normal((n, i, r)) * i**-0.5, jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((n, r, o)), jnp.bfloat16)
+    scaling = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+    return x, y, gate, a, b, scaling
+
+
+@pytest.mark.parametrize("strategy", ["loop", "bmm", "dense", "grouped", "pallas"])
+def test_bfloat16_gate_routes_on_its_own_product_in_every_strategy(strategy):
+    from meteora_jax.lora_mixture import gated_output
+
+    x, y, gate, a, b, scaling = gated_problem(seed=11)
+    exact = jnp.dot(x.astype(jnp.float32), gate.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    out, logits, indices = gated_output(x, y, gate, a, b, scaling, 2, 1.0, strategy)
+    assert logits.dtype == jnp.float32 and rel_error(logits, exact) < 1e-5
+    ref_indices, ref_weights = route(exact, 2, 1.0)
+    np.testing.assert_array_equal(indices, ref_indices)
+    ref = lora_mixture(*(v.astype(jnp.float32) for v in (x, a, b)), scaling, ref_indices, ref_weights, "loop")
+    assert rel_error(out.astype(jnp.float32) - y.astype(jnp.float32), ref) < 2e-2
+
+
+def test_bfloat16_gate_takes_one_matmul_part_and_gets_bfloat16_gradients():
+    from meteora_jax.lora_mixture import compute_gate_logits, dense_with_gate
+
+    x, _, gate, a, b, scaling = gated_problem(seed=12)
+    n = gate.shape[1]
+
+    def dot_widths(jaxpr):
+        """The output widths of every matrix product in a jaxpr, nested ones (jit, custom VJP) included."""
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn.outvars[0].aval.shape[-1]
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    yield from dot_widths(inner)
+
+    def folded_widths(g):
+        return set(dot_widths(jax.make_jaxpr(lambda x: dense_with_gate(x, g, a, b, scaling, 2, 1.0))(x).jaxpr))
+
+    # The float32 gate rides as hi + lo columns (2N beside N r), the bfloat16 one whole (N).
+    assert n * a.shape[-1] + n in folded_widths(gate)
+    assert n * a.shape[-1] + 2 * n in folded_widths(gate.astype(jnp.float32))
+    assert n * a.shape[-1] + 2 * n not in folded_widths(gate)
+    grad = jax.grad(lambda g: jnp.sum(compute_gate_logits(x, g) ** 2))(gate)
+    ref = jax.grad(lambda g: jnp.sum(jnp.dot(x.astype(jnp.float32), g.astype(jnp.float32)) ** 2))(gate)
+    assert grad.dtype == jnp.bfloat16 and rel_error(grad, ref) < 1e-2

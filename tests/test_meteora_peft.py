@@ -193,3 +193,29 @@ def test_gates_from_a_checkpoint_of_other_adapters_are_refused(setup, capsys):
     assert import_main(args) == 1
     assert "same names in the same order" in capsys.readouterr().err
     assert not (root / "swapped").exists()
+
+
+def test_bfloat16_gates_for_inference(setup, rng):
+    root, config, *_ = setup
+    f32 = load_meteora(root / "base", root / "meteora", dtype="bfloat16")
+    bf16 = load_meteora(root / "base", root / "meteora", dtype="bfloat16", gate_dtype="bfloat16")
+    changed = jax.tree_util.tree_map_with_path(
+        lambda path, a, b: (path[-1].key, a.dtype.name, b.dtype.name), f32.params, bf16.params)
+    leaves = jax.tree_util.tree_leaves(changed, is_leaf=lambda v: isinstance(v, tuple))
+    assert {leaf for leaf in leaves if leaf[1] != leaf[2]} == {("gate", "float32", "bfloat16")}
+    tokens = rng.integers(3, config.vocab_size, (2, 5))
+    logits = [
+        loaded.module.apply({"params": loaded.params}, tokens, mutable=["intermediates"])[1]["intermediates"]
+        ["layers_0"]["self_attn"]["q_proj"]["gate_logits"][0] for loaded in (f32, bf16)
+    ]
+    # The first gate sees the same input: the same logits up to the gate's rounding to 8 mantissa bits.
+    assert 0 < np.linalg.norm(logits[1] - logits[0]) <= 2**-7 * np.linalg.norm(logits[0])
+    with pytest.raises(ValueError, match="gate_dtype='float16'"):
+        load_meteora(root / "base", root / "meteora", gate_dtype="float16")
+
+
+def test_cast_gates_needs_a_meteora_tree():
+    from meteora_jax.meteora_checkpoint import cast_gates
+
+    with pytest.raises(ValueError, match="no MeteoRA gates"):
+        cast_gates({"layers_0": {"mlp": {"up_proj": {"kernel": np.zeros((2, 2))}}}}, "bfloat16")

@@ -57,6 +57,21 @@ def test_decode_layer_matches_reference_interpreted(case, dtype):
     assert rel_error(out.astype(jnp.float32) - y.astype(jnp.float32), ref - y.astype(jnp.float32)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("case", CASES[:2] + CASES[3:5])
+def test_decode_layer_with_a_bfloat16_gate_routes_on_its_product(case):
+    x, gate, y, a, b, scaling = problem(case, "bfloat16", seed=sum(case[:6]))
+    gate = gate.astype(jnp.bfloat16)
+    top_k, temperature = case[5], case[6]
+    out, logits, indices, weights = decode_layer(x, gate, y, a, b, scaling, top_k=top_k, temperature=temperature,
+                                                 blocks=SMALL, interpret=True)
+    ref, ref_logits, ref_indices, ref_weights = decode_layer_reference(
+        *(v.astype(jnp.float32) for v in (x, gate, y, a, b)), scaling, top_k=top_k, temperature=temperature)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-6, atol=1e-7)
+    assert rel_error(out.astype(jnp.float32) - y.astype(jnp.float32), ref - y.astype(jnp.float32)) < 1e-2
+
+
 def test_ties_go_to_the_lower_adapter_as_in_route():
     x, _, y, a, b, scaling = problem((4, 32, 32, 6, 4, 2, 1.0), "float32", seed=1)
     # One-hot token rows make each token's logits exactly a row of the gate, ties included.
@@ -133,21 +148,23 @@ def test_bad_blocks_shapes_and_limits_name_the_culprit():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="full-size kernel tests need a GPU")
 @pytest.mark.parametrize("tokens", [1, 16])
-@pytest.mark.parametrize("adapters,out_features", [(28, 4096), (28, 14336), (1024, 4096)])
-def test_decode_layer_full_size_on_gpu(tokens, adapters, out_features):
+@pytest.mark.parametrize("adapters,out_features,gate_dtype",
+                         [(28, 4096, "float32"), (28, 14336, "float32"), (1024, 4096, "float32"),
+                          (1024, 4096, "bfloat16")])
+def test_decode_layer_full_size_on_gpu(tokens, adapters, out_features, gate_dtype):
     case = (tokens, 4096, out_features, adapters, 8, 2, 1.0)
     x, gate, y, a, b, scaling = problem(case, "bfloat16", seed=tokens + adapters)
+    gate = gate.astype(gate_dtype)
     out, logits, indices, weights = decode_layer(x, gate, y, a, b, scaling, top_k=2, temperature=1.0)
-    f32 = [v.astype(jnp.float32) for v in (x, y, a, b)]
-    ref, ref_logits, ref_indices, ref_weights = decode_layer_reference(f32[0], gate, f32[1], f32[2], f32[3], scaling,
-                                                                       top_k=2, temperature=1.0)
+    f32 = [v.astype(jnp.float32) for v in (x, gate, y, a, b)]
+    ref, ref_logits, ref_indices, ref_weights = decode_layer_reference(*f32, scaling, top_k=2, temperature=1.0)
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-5)
     # Summation order differs from XLA's: compare the routing where the top-3 logits are not near-ties.
     top3 = np.sort(np.asarray(ref_logits), axis=-1)[:, -3:]
     clear = np.min(np.diff(top3, axis=-1), axis=-1) > 1e-4
     np.testing.assert_array_equal(np.asarray(indices)[clear], np.asarray(ref_indices)[clear])
     np.testing.assert_allclose(np.asarray(weights)[clear], np.asarray(ref_weights)[clear], rtol=1e-4)
-    assert rel_error(out.astype(jnp.float32) - f32[1], ref - f32[1]) < 1e-2
+    assert rel_error(out.astype(jnp.float32) - f32[2], ref - f32[2]) < 1e-2
 
 
 def test_gate_rows_grow_with_the_adapters_and_inputs_until_set():
@@ -158,6 +175,12 @@ def test_gate_rows_grow_with_the_adapters_and_inputs_until_set():
     assert DecodeBlockSizes().gate_rows(40, 1024) == 64  # no more rows than the inputs need
     assert DecodeBlockSizes().gate_rows(65536, 1024) == 512  # never past the largest measured tile
     assert DecodeBlockSizes(gate_block_in=256).gate_rows(4096, 28) == 256
+
+
+def test_route_shrink_programs_widen_with_many_adapters_until_set():
+    assert DecodeBlockSizes().shrink(28) == DecodeBlockSizes().shrink(256) == (128, 1)
+    assert DecodeBlockSizes().shrink(1024) == (256, 4)
+    assert DecodeBlockSizes(block_in=64, shrink_num_warps=2).shrink(1024) == (64, 2)
 
 
 def test_pallas_strategy_beyond_the_decode_kernels_limit_uses_the_mixture_kernels():

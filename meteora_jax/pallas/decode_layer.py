@@ -46,28 +46,40 @@ GATE_ROWS_MANY_ADAPTERS = 256
 # (1024-2048 were slower in the second sweep).
 MAX_GATE_SPLITS = 64
 MAX_GATE_ROWS = 512
+# route_shrink's (input features, warps) per program by adapter count: each program sums all of its token's
+# logit shares, which at 1024 adapters outweighs its slice of x A; fewer, wider programs with more warps
+# (256, 4) took 4.8 against 5.7 us at T = 1 and 6.2 against 7.3 at T = 16 there (bench/NOTES.md), while
+# (128, 1) stayed best at N = 28.
+SHRINK_BY_ADAPTERS = ((256, (128, 1)),)
+SHRINK_MANY_ADAPTERS = (256, 4)
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeBlockSizes:
     """gate_block_in x gate_block_adapters: the gate tile per gate program, read gate_step_rows rows at a
     time (gate_num_warps warps: its dots use tensor cores); block_in: input features per route_shrink
-    program; block_out: output features per expand_add program (num_warps warps for these two).
+    program (shrink_num_warps warps); block_out: output features per expand_add program (num_warps warps).
 
     Defaults from bench/decode_tuning.py on an H100 (4096 -> 4096 and 14336, r = 8, N = 28 and 1024);
-    gate_block_in None picks the rows per gate program from N (see gate_rows).
+    gate_block_in, block_in and shrink_num_warps None pick them from N (see gate_rows and shrink).
     """
 
     gate_block_in: int | None = None
     gate_block_adapters: int = 32
     gate_num_warps: int = 4
-    gate_step_rows: int = 64
-    block_in: int = 128
+    gate_step_rows: int = 128
+    block_in: int | None = None
+    shrink_num_warps: int | None = None
     block_out: int = 128
     num_warps: int = 1
 
     def check(self) -> None:
         check_powers_of_two(self, ("gate_block_in", "gate_block_adapters", "gate_step_rows", "block_in", "block_out"))
+
+    def shrink(self, num_adapters: int) -> tuple[int, int]:
+        """route_shrink's (block_in, shrink_num_warps): as set, else from N by SHRINK_BY_ADAPTERS."""
+        block_in, warps = next((v for most, v in SHRINK_BY_ADAPTERS if num_adapters <= most), SHRINK_MANY_ADAPTERS)
+        return self.block_in or block_in, self.shrink_num_warps or warps
 
     def gate_rows(self, in_features: int, num_adapters: int) -> int:
         """gate_block_in, or by default the rows that GATE_ROWS_BY_ADAPTERS gives for N (at most the
@@ -102,7 +114,8 @@ def _gate_kernel(x_ref, gate_ref, shares_ref, *, tokens, in_features, num_adapte
     step_rows = min(blocks.gate_step_rows, gate_rows)
 
     # The program's rows in steps, so that a large tile does not sit in registers at once (one 512 x 32
-    # float32 tile spilled at two warps: 180 us); the steps do not overlap their loads (bench/NOTES.md).
+    # float32 tile spilled at two warps: 180 us); the steps do not overlap their loads, so each costs a
+    # memory latency: 128-row steps beat 64 by 0.4 us at 256 rows (bench/NOTES.md).
     def step(i, share):
         start = split * gate_rows + i * step_rows
         rows = start + jnp.arange(step_rows)
@@ -172,12 +185,12 @@ def _expand_add_tile(b_ref, y_ref, out_ref, m, start, chosen, scaled_hs, *, out_
 
 
 def _route_shrink_kernel(shares_ref, scaling_ref, x_ref, a_ref, logits_ref, idx_ref, weight_ref, coef_ref, h_ref, *,
-                         top_k, temperature, num_adapters, in_features, rank, blocks: DecodeBlockSizes):
+                         top_k, temperature, num_adapters, in_features, rank, block_in):
     m, split = pl.program_id(0), pl.program_id(1)
     logits, chosen, weights = _route(shares_ref, m, top_k=top_k, temperature=temperature, num_adapters=num_adapters)
     rank_block = h_ref.shape[-1]
-    hs = _shrink_block(x_ref, a_ref, m, split * blocks.block_in, chosen, in_features=in_features, rank=rank,
-                       rank_block=rank_block, block_in=blocks.block_in)
+    hs = _shrink_block(x_ref, a_ref, m, split * block_in, chosen, in_features=in_features, rank=rank,
+                       rank_block=rank_block, block_in=block_in)
     for j, h in enumerate(hs):
         plt.store(h_ref.at[m, split, jnp.int32(j), pl.ds(0, rank_block)], h)
 
@@ -211,7 +224,6 @@ def _kernels(x, gate, y, lora_a, lora_b, scaling, top_k, temperature, blocks, in
     tokens, in_features = x.shape
     num_adapters, _, rank = lora_a.shape
     out_features = lora_b.shape[-1]
-    params = plt.CompilerParams(num_warps=blocks.num_warps, num_stages=2)
     gate_rows = blocks.gate_rows(in_features, num_adapters)
     gate_splits = pl.cdiv(in_features, gate_rows)
     shares = pl.pallas_call(
@@ -223,11 +235,12 @@ def _kernels(x, gate, y, lora_a, lora_b, scaling, top_k, temperature, blocks, in
         interpret=interpret,
         name="meteora_decode_gate",
     )(x, gate)
-    splits = pl.cdiv(in_features, blocks.block_in)
+    block_in, shrink_warps = blocks.shrink(num_adapters)
+    splits = pl.cdiv(in_features, block_in)
     per_slot = jax.ShapeDtypeStruct((tokens, top_k), jnp.float32)
     logits, indices, weights, coef, h = pl.pallas_call(
         functools.partial(_route_shrink_kernel, top_k=top_k, temperature=temperature, num_adapters=num_adapters,
-                          in_features=in_features, rank=rank, blocks=blocks),
+                          in_features=in_features, rank=rank, block_in=block_in),
         out_shape=(
             jax.ShapeDtypeStruct((tokens, num_adapters), jnp.float32),
             jax.ShapeDtypeStruct((tokens, top_k), jnp.int32), per_slot, per_slot,
@@ -235,7 +248,7 @@ def _kernels(x, gate, y, lora_a, lora_b, scaling, top_k, temperature, blocks, in
             jax.ShapeDtypeStruct((tokens, splits, top_k, max(pl.next_power_of_2(rank), 16)), jnp.float32),
         ),
         grid=(tokens, splits),
-        compiler_params=params,
+        compiler_params=plt.CompilerParams(num_warps=shrink_warps, num_stages=2),
         interpret=interpret,
         name="meteora_decode_route_shrink",
     )(shares, scaling, x, lora_a)
@@ -244,7 +257,7 @@ def _kernels(x, gate, y, lora_a, lora_b, scaling, top_k, temperature, blocks, in
         out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
         grid=(tokens, pl.cdiv(out_features, blocks.block_out)),
         input_output_aliases={4: 0},
-        compiler_params=params,
+        compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=2),
         interpret=interpret,
         name="meteora_decode_expand_add",
     )(indices, coef, h, lora_b, y)
@@ -284,13 +297,15 @@ def decode_layer(x, gate, y, lora_a, lora_b, scaling, *, top_k: int, temperature
     """(y + MeteoRA delta [M, O] in y's dtype, gate logits [M, N] float32, indices [M, K] int32,
     weights [M, K] float32).
 
-    x [M, I] (the layer input), gate [I, N] (float32), y [M, O] the base output, lora_a [N, I, R] and
-    lora_b [N, R, O] in x's dtype, scaling [N].
+    x [M, I] (the layer input), gate [I, N] (float32, or bfloat16 for inference: half the bytes to read, logits
+    of the bfloat16 product), y [M, O] the base output, lora_a [N, I, R] and lora_b [N, R, O] in x's dtype,
+    scaling [N].
     """
     blocks.check()
     _check_shapes(x, gate, y, lora_a, lora_b, scaling, top_k)
-    return _decode_layer(x, gate.astype(jnp.float32), y, lora_a, lora_b, scaling.astype(jnp.float32), top_k,
-                         float(temperature), blocks, interpret)
+    gate = gate if gate.dtype == jnp.bfloat16 else gate.astype(jnp.float32)
+    return _decode_layer(x, gate, y, lora_a, lora_b, scaling.astype(jnp.float32), top_k, float(temperature), blocks,
+                         interpret)
 
 
 def decode_layer_reference(x, gate, y, lora_a, lora_b, scaling, *, top_k: int, temperature: float):
