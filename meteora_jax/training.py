@@ -125,6 +125,24 @@ def layer_gate_accuracy(module, params, batch):
     return gate_loss(gate_logits_by_layer(state["intermediates"]), batch["task_ids"])[1]
 
 
+@functools.partial(jax.jit, static_argnames=("module",))
+def routing_agreement(module, params, other_params, batch):
+    """Per-layer share [num_layers] (sorted layer-name order) of the real tokens of one batch that choose the same
+    set of adapters under `params` and `other_params`, e.g. float32 gates and their bfloat16 copies. Every layer
+    sees its own tree's inputs, so a change of route early on shows in the layers after it."""
+
+    def chosen(p):
+        _, state = module.apply({"params": p}, batch["tokens"], segment_ids=batch["segment_ids"],
+                                mutable=["intermediates"])
+        flat = traverse_util.flatten_dict(state["intermediates"])
+        return {"/".join(k[:-1]): jnp.sort(v[0], axis=-1) for k, v in flat.items() if k[-1] == "adapter_indices"}
+
+    ours, theirs = chosen(params), chosen(other_params)
+    real = batch["segment_ids"] > 0
+    count = jnp.maximum(jnp.sum(real), 1)
+    return jnp.stack([jnp.sum(jnp.all(ours[n] == theirs[n], axis=-1) & real) / count for n in sorted(ours)])
+
+
 def peak_memory_bytes() -> int | None:
     """Peak device memory so far (None where the backend keeps no statistics, e.g. the CPU)."""
     stats = jax.devices()[0].memory_stats() or {}

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from hf_reference import tiny_config
 
 from meteora_jax.generate import generate
@@ -162,3 +163,21 @@ def test_bfloat16_dense_layer_with_folded_gate_matches_loop(rng):
     assert rel_error(folded[0], loop) < 3e-2
     logits = state["intermediates"]["layers_0"]["mlp"]["up_proj"]["gate_logits"][0]
     assert logits.dtype == jnp.float32 and logits.shape == (2, 7, N)
+
+
+def test_routing_agreement_counts_the_tokens_that_keep_their_adapters(rng):
+    from meteora_jax.training import routing_agreement
+
+    _, model, params = meteora_model()
+    tokens = rng.integers(3, 97, (2, 7))
+    batch = {"tokens": tokens, "segment_ids": np.array([[1] * 7, [1] * 5 + [0] * 2])}
+    same = routing_agreement(model, params, params, batch)
+    assert same.shape == (2 * 7,) and np.all(np.asarray(same) == 1.0)
+    # Reversed gate columns of one projection reverse its ranking: its top-2 of 4 becomes the other two.
+    flipped = jax.tree_util.tree_map_with_path(
+        lambda p, x: x[:, ::-1] if p[-1].key == "gate" and p[0].key == "layers_1" and p[2].key == "q_proj" else x,
+        params)
+    agreement = np.asarray(routing_agreement(model, params, flipped, batch))
+    names = sorted("/".join(k[:-2]) for k in traverse_util.flatten_dict(params) if k[-1] == "gate")
+    assert agreement[names.index("layers_1/self_attn/q_proj")] < 0.5
+    assert np.all(agreement[[i for i, n in enumerate(names) if n.startswith("layers_0")]] == 1.0)

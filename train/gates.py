@@ -9,7 +9,8 @@ Each adapter of the MeteoRA checkpoint is a task: its gate index is the target f
 that task's examples. `--data bigbench:DIR` reads DIR/<adapter name>/task.json for every adapter;
 `--data jsonl:NAME=FILE` gives one task's {prompt, response} lines. Writes to DIR: checkpoints/
 (orbax, every --save-every steps, last --keep kept; --resume continues exactly), metrics.jsonl,
-validation.json (per-layer gate top-1 accuracy on held-out examples), summary.json (step time,
+validation.json (per-layer gate top-1 accuracy on held-out examples; the same with the gates held in bfloat16,
+and how often those choose the same adapters), summary.json (step time,
 tokens/s, peak memory), run_settings.json and meteora/, a MeteoRA checkpoint with the trained gates
 that load_meteora and generate read.
 """
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from meteora_jax.data import batch_stream, load_task_records, read_jsonl_records, split_records, tokenize_records
 from meteora_jax.lora_mixture import STRATEGIES
-from meteora_jax.meteora_checkpoint import load_meteora, read_meteora, save_meteora, split_banks
+from meteora_jax.meteora_checkpoint import cast_gates, load_meteora, read_meteora, save_meteora, split_banks
 from meteora_jax.trainable import GATES, GATES_AND_ADAPTERS, merge_params, split_trainable
 from meteora_jax.training import (
     TrainConfig,
@@ -41,6 +42,7 @@ from meteora_jax.training import (
     layer_gate_accuracy,
     make_optimizer,
     peak_memory_bytes,
+    routing_agreement,
     step_summary,
     train_step,
 )
@@ -213,7 +215,8 @@ def train(args, out: Path) -> int:
     params = merge_params(trainable, frozen)
     accuracy = np.asarray(layer_gate_accuracy(loaded.module, params, eval_arrays))
     validation = {"mean_gate_accuracy": float(accuracy.mean()),
-                  "layers": dict(zip(layer_names, map(float, accuracy)))}
+                  "layers": dict(zip(layer_names, map(float, accuracy))),
+                  "bfloat16_gates": bfloat16_gate_check(loaded.module, params, eval_arrays, layer_names)}
     (out / "validation.json").write_text(json.dumps(validation, indent=2) + "\n")
     summary = {**step_summary(step_seconds, step_tokens), "peak_memory_bytes": peak_memory_bytes(),
                "train_rows": rows, "tasks": tasks}
@@ -221,8 +224,21 @@ def train(args, out: Path) -> int:
     manifest = {**manifest, "trained": {"steps": args.steps, "gate_loss_weight": args.gate_loss_weight,
                                         "train_adapters": args.train_adapters, "data": args.data}}
     save_meteora(out / "meteora", jax.tree.map(np.asarray, split_banks(params)), manifest, overwrite=True)
-    print(f"wrote {out / 'meteora'}; held-out gate accuracy {validation['mean_gate_accuracy']:.3f}")
+    bf16 = validation["bfloat16_gates"]
+    print(f"wrote {out / 'meteora'}; held-out gate accuracy {validation['mean_gate_accuracy']:.3f} "
+          f"({bf16['mean_gate_accuracy']:.3f} with bfloat16 gates, which choose the same adapters for "
+          f"{bf16['mean_routing_agreement']:.1%} of the tokens)")
     return 0
+
+
+def bfloat16_gate_check(module, params, arrays, layer_names) -> dict:
+    """How the trained gates route when held in bfloat16 for inference (meteora_checkpoint.cast_gates): held-out
+    gate accuracy, and the share of tokens per layer whose chosen adapters stay the same."""
+    bf16 = cast_gates(params, "bfloat16")
+    accuracy = np.asarray(layer_gate_accuracy(module, bf16, arrays))
+    agreement = np.asarray(routing_agreement(module, params, bf16, arrays))
+    return {"mean_gate_accuracy": float(accuracy.mean()), "mean_routing_agreement": float(agreement.mean()),
+            "layers_routing_agreement": dict(zip(layer_names, map(float, agreement)))}
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
