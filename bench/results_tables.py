@@ -239,6 +239,27 @@ def pipeline_section(run: dict) -> list[str]:
     return lines
 
 
+def bfloat16_gates_section(run: dict, validation: dict) -> list[str]:
+    bf16 = validation["bfloat16_gates"]
+    layers = bf16["layers_routing_agreement"]
+    weakest = min(layers, key=layers.get)
+    return [
+        "## Trained gates held in bfloat16 (`train.gates` validation, `meteora_checkpoint.cast_gates`)\n",
+        f"Date {run['date'][:10]}; {run['device']}; jax {run['jax']}. The training path above run again "
+        f"({run['settings']['lora_steps']} LoRA steps per task, {run['settings']['gate_steps']} gate steps; "
+        f"stages {', '.join(f'{k} {v:.0f} s' for k, v in run['stage_wall_s'].items())}), then the held-out "
+        "validation repeated with the trained gates cast to bfloat16. Routing agreement: the share of real tokens "
+        "whose two chosen adapters are the same set as with the float32 gates (each layer seeing its own model's "
+        "inputs).\n",
+        "| gates | held-out gate accuracy | routing agreement, mean over 210 gates | lowest gate |",
+        "|---|---:|---:|---|",
+        f"| float32 (as trained) | {validation['mean_gate_accuracy']:.4f} | - | - |",
+        f"| bfloat16 | {bf16['mean_gate_accuracy']:.4f} | {bf16['mean_routing_agreement']:.4f} | "
+        f"{weakest} {layers[weakest]:.4f} |",
+        "",
+    ]
+
+
 def gate_strategy_section(run: dict) -> list[str]:
     lines = [
         "## Gate training by MeteoRA strategy (`train.gates --strategy`)\n",
@@ -285,6 +306,8 @@ def main() -> None:
                                     "Pallas prefill kernels, block_tokens alone at 2 and 4 warps")
     lines += tuning_section(load("pallas_tuning.json"))
     lines += pipeline_section(load("train_pipeline.json"))
+    lines += bfloat16_gates_section(load("train_pipeline_gates_bf16_check.json"),
+                                    load("train_pipeline_gates_bf16_check_validation.json"))
     lines += gate_strategy_section(load("train_gates_strategy.json"))
     (HERE / "RESULTS.md").write_text("\n".join(lines))
 

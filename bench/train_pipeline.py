@@ -4,8 +4,8 @@ Runs the project's own command lines in order and collects what they report:
   1. python -m train.lora --each        one adapter per task (PEFT format)
   2. convert/hf_lora_to_orbax.py         the adapters stacked into one MeteoRA checkpoint
   3. python -m train.gates               the gates trained on all tasks
-Then writes JSON (time per step, tokens/s, peak device memory, held-out gate accuracy) and prints a
-markdown table last.
+Then writes JSON (time per step, tokens/s, peak device memory, held-out gate accuracy, also with the gates held
+in bfloat16) and prints a markdown table last.
 
 Usage: python bench/train_pipeline.py --base CKPT --bigbench DIR --work DIR [--tasks t1,t2,...]
        [--lora-steps 100] [--gate-steps 200] [--batch-size 16] [--max-length 256] [--dtype bfloat16]
@@ -85,6 +85,8 @@ def main(argv=None) -> int:
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version(),
         "settings": vars(args) | {"out": str(args.out)}, "stage_wall_s": stages, "adapters": adapters,
         "gates": gates, "gate_validation_mean": validation["mean_gate_accuracy"],
+        "gate_validation_bfloat16": {k: validation["bfloat16_gates"][k]
+                                     for k in ("mean_gate_accuracy", "mean_routing_agreement")},
     }
     out = args.out or default_result_path("train_pipeline.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,9 @@ def main(argv=None) -> int:
     print(f"| gates | {len(tasks)} tasks, {gates['train_rows']} rows | {gates['median_step_s'] * 1e3:.1f} | "
           f"{gates['tokens_per_s']:.0f} | {(gates['peak_memory_bytes'] or 0) / 2**30:.2f} | held-out gate accuracy "
           f"{validation['mean_gate_accuracy']:.3f} |")
+    bf16 = validation["bfloat16_gates"]
+    print(f"| gates in bfloat16 | the same, cast | - | - | - | held-out gate accuracy "
+          f"{bf16['mean_gate_accuracy']:.3f}, same adapters for {bf16['mean_routing_agreement']:.1%} of tokens |")
     print(f"stage wall seconds: {', '.join(f'{k} {v:.0f}' for k, v in stages.items())}")
     return 0
 
