@@ -113,8 +113,12 @@ def test_generate_with_routing(rng):
         generate(model, params, prompts, max_new_tokens=2, routing=Routing(assignment=jnp.zeros((2, 5), int)))
 
 
-def test_generate_through_the_pallas_decode_kernels_matches_loop(rng):
+@pytest.mark.parametrize("gate_dtype", ["float32", "bfloat16"])
+def test_generate_through_the_pallas_decode_kernels_matches_loop(rng, gate_dtype):
+    from meteora_jax.meteora_checkpoint import cast_gates
+
     _, model, params = meteora_model()
+    params = cast_gates(params, gate_dtype)
     prompts = [rng.integers(3, 97, 5).tolist(), rng.integers(3, 97, 3).tolist()]
     tokens = {s: generate(model, params, prompts, max_new_tokens=5, routing=Routing(strategy=s, top_k=2)).tokens
               for s in ("loop", "pallas")}
