@@ -94,8 +94,20 @@ def kernel_us(blocks: DecodeBlockSizes, x, sets, out_features: int) -> dict[str,
     return dict(totals)
 
 
-def pairs(text: str) -> list[tuple[int, int]]:
-    return [tuple(map(int, item.split("x"))) for item in text.split(",")]
+def int_list(separator: str = "", size: int | None = None):
+    """An argparse type: comma-separated items of `size` integers joined by `separator` (plain integers if None)."""
+
+    def parse(text: str) -> list:
+        items = []
+        for item in text.split(","):
+            parts = item.split(separator) if size else [item]
+            if (size and len(parts) != size) or not all(p.strip().isdigit() for p in parts):
+                form = separator.join(["N"] * size) if size else "N"
+                raise argparse.ArgumentTypeError(f"{item!r} is not of the form {form}")
+            items.append(tuple(map(int, parts)) if size else int(parts[0]))
+        return items
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,21 +115,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--gate-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the gates as held (meteora_checkpoint.cast_gates)")
-    parser.add_argument("--cases", help="comma-separated T:N:out cases (default: %s)" %
-                        ",".join(":".join(map(str, c)) for c in CASES))
-    parser.add_argument("--gate-tiles", help="comma-separated ROWSxADAPTERS gate tiles to sweep")
-    parser.add_argument("--gate-steps", help="comma-separated gate_step_rows to sweep")
-    parser.add_argument("--gate-warps", help="comma-separated gate_num_warps to sweep")
-    parser.add_argument("--blocks", help="comma-separated INxOUT route_shrink / expand_add blocks to sweep")
-    parser.add_argument("--warps", help="comma-separated warps of route_shrink and expand_add to sweep")
+    parser.add_argument("--cases", type=int_list(":", 3), default=CASES, help="comma-separated T:N:out cases "
+                        "(default: %s)" % ",".join(":".join(map(str, c)) for c in CASES))
+    parser.add_argument("--gate-tiles", type=int_list("x", 2), default=GATE_TILES,
+                        help="comma-separated ROWSxADAPTERS gate tiles to sweep")
+    parser.add_argument("--gate-steps", type=int_list(), default=GATE_STEPS, help="comma-separated gate_step_rows")
+    parser.add_argument("--gate-warps", type=int_list(), default=GATE_WARPS, help="comma-separated gate_num_warps")
+    parser.add_argument("--blocks", type=int_list("x", 2), default=BLOCKS,
+                        help="comma-separated INxOUT route_shrink / expand_add blocks to sweep")
+    parser.add_argument("--warps", type=int_list(), default=WARPS,
+                        help="comma-separated warps of route_shrink and expand_add to sweep")
     args = parser.parse_args(argv)
     out = args.out or default_result_path("decode_tuning.json")
-    cases = [tuple(map(int, c.split(":"))) for c in args.cases.split(",")] if args.cases else CASES
-    gate_tiles = pairs(args.gate_tiles) if args.gate_tiles else GATE_TILES
-    blocks = pairs(args.blocks) if args.blocks else BLOCKS
-    warps = [int(w) for w in args.warps.split(",")] if args.warps else WARPS
-    gate_steps = [int(w) for w in args.gate_steps.split(",")] if args.gate_steps else GATE_STEPS
-    gate_warps = [int(w) for w in args.gate_warps.split(",")] if args.gate_warps else GATE_WARPS
+    cases, gate_tiles, blocks, warps = args.cases, args.gate_tiles, args.blocks, args.warps
+    gate_steps, gate_warps = args.gate_steps, args.gate_warps
     rows = []
     for tokens, adapters, out_features in cases:
         x, sets = weights(tokens, adapters, out_features, args.gate_dtype)

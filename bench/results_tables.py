@@ -50,6 +50,12 @@ LAYER_METHODS = {
 
 def layer_section(runs: list[dict], title: str, method: str) -> list[str]:
     run = runs[0]
+    def setting(r: dict) -> tuple:
+        return r.get("gate_dtype", "float32"), r.get("segment_tokens")  # older runs: float32 gates, random routing
+
+    for other in runs[1:]:
+        if setting(other) != setting(run):
+            raise ValueError(f"runs of one table must share gate dtype and routing: {run['date']} vs {other['date']}")
     v = run["versions"]
     lines = [
         f"## {title}\n",
@@ -139,7 +145,8 @@ def decode_tuning_section(run: dict, subtitle: str | None = None) -> list[str]:
             candidates = mine if kernel == "gate" else [
                 r for r in mine if all(r[f] == run["defaults"][f] for f in fields["gate"])]
             best = min(candidates, key=lambda r: r[kernel])
-            config = ", ".join(f"{f}={best[f]}" for f in names)
+            # None: chosen from N by the rule of the run's code.
+            config = ", ".join(f"{f}={'by N' if best[f] is None else best[f]}" for f in names)
             lines.append(f"| {case[0]} | {case[1]} | {case[2]} | {kernel} | {config} | {best[kernel]:.2f} | "
                          f"{defaults[kernel]:.2f} |")
     return lines + [""]
@@ -250,8 +257,8 @@ def bfloat16_gates_section(run: dict, validation: dict) -> list[str]:
         f"stages {', '.join(f'{k} {v:.0f} s' for k, v in run['stage_wall_s'].items())}), then the held-out "
         "validation repeated with the trained gates cast to bfloat16. Routing agreement: the share of real tokens "
         "whose two chosen adapters are the same set as with the float32 gates (each layer seeing its own model's "
-        "inputs).\n",
-        "| gates | held-out gate accuracy | routing agreement, mean over 210 gates | lowest gate |",
+        "inputs). Figures from that run's `train.gates` validation.json, copied beside its report.\n",
+        f"| gates | held-out gate accuracy | routing agreement, mean over {len(layers)} gates | lowest gate |",
         "|---|---:|---:|---|",
         f"| float32 (as trained) | {validation['mean_gate_accuracy']:.4f} | - | - |",
         f"| bfloat16 | {bf16['mean_gate_accuracy']:.4f} | {bf16['mean_routing_agreement']:.4f} | "

@@ -85,8 +85,7 @@ def main(argv=None) -> int:
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version(),
         "settings": vars(args) | {"out": str(args.out)}, "stage_wall_s": stages, "adapters": adapters,
         "gates": gates, "gate_validation_mean": validation["mean_gate_accuracy"],
-        "gate_validation_bfloat16": {k: validation["bfloat16_gates"][k]
-                                     for k in ("mean_gate_accuracy", "mean_routing_agreement")},
+        "gate_validation_bfloat16": validation["bfloat16_gates"],
     }
     out = args.out or default_result_path("train_pipeline.json")
     out.parent.mkdir(parents=True, exist_ok=True)

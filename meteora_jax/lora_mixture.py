@@ -7,6 +7,8 @@ Axis letters: M tokens, I input features, O output features, N adapters, R rank,
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -30,11 +32,9 @@ PALLAS_MAX_RANK = 128
 # temporaries where `dense` holds 1.25x; below this, `dense`, which ties at 4096 tokens and compiles
 # faster (train.gates' first step at 4096 tokens per call: 85 s against 145 s).
 PALLAS_PREFILL_MIN_TOKENS = 8192
-# For N r >= PALLAS_GROUPED_MIN_TOTAL_RANK, from PALLAS_GROUPED_MIN_TOKENS tokens, the grouped (SGMV)
-# kernels: at N = 1024, r = 8, 16384 tokens, 1.90 ms against bmm's 2.10, while bmm led at 4096 tokens
-# (0.56 against 0.83 ms) and at N = 256 (by 4-30%).
-PALLAS_GROUPED_MIN_TOTAL_RANK = 8192
-PALLAS_GROUPED_MIN_TOKENS = 16384
+# `auto` never takes the grouped (SGMV) kernels: they beat bmm only where a random gate spreads every token
+# over all adapters (N = 1024, 16384 tokens: 1.90 against 2.10 ms), and lost to it where tokens route in runs,
+# as prompts do (1.82 against 1.59 ms; bench/NOTES.md).
 # The gate matmul pads fewer tokens to this many rows (see compute_gate_logits).
 GATE_MIN_ROWS = 8
 
@@ -147,7 +147,7 @@ def _routed_shrink(x, gate, lora_a, scaling, top_k: int, temperature):
     """The gate logits [M, N], the routing indices [M, K], and every adapter's x A [M, N, R] scaled by its
     sparse coefficient, in x's dtype; for bfloat16 x the gate rides in the x A matmul."""
     if x.dtype == jnp.bfloat16:
-        h, logits = _fold_gate_into_shrink(x, _gate_operand(gate), lora_a.astype(x.dtype))
+        h, logits = _fold_gate_into_shrink(x, gate_operand(gate), lora_a.astype(x.dtype))
     else:
         logits = compute_gate_logits(x, gate)
         h = jnp.einsum("MI,NIR->MNR", x, lora_a.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -155,9 +155,9 @@ def _routed_shrink(x, gate, lora_a, scaling, top_k: int, temperature):
     return _scale_by_routing(h, scaling.astype(jnp.float32), indices, weights, x.dtype), logits, indices
 
 
-def _gate_operand(gate):
-    """The gate as the bfloat16 matmuls take it: a bfloat16 gate (inference, see meteora.cast_gates) as it is,
-    any other in float32, which they split in two."""
+def gate_operand(gate):
+    """The gate as the gate matmuls and kernels take it: a bfloat16 gate (for inference, see
+    meteora_checkpoint.cast_gates) as it is, any other in float32, which they split into bfloat16 parts."""
     return gate if gate.dtype == jnp.bfloat16 else gate.astype(jnp.float32)
 
 
@@ -172,7 +172,7 @@ def _fold_gate_into_shrink(x, gate, lora_a):
     parts = [gate] if gate.dtype == jnp.bfloat16 else list(split_in_two(gate))
     weights = jnp.concatenate([jnp.swapaxes(lora_a, 0, 1).reshape(i, n * r), *parts], axis=1)
     both = jnp.dot(x, weights, preferred_element_type=jnp.float32)  # [M, N*R + parts*N]
-    logits = sum(both[:, n * r + p * n : n * r + (p + 1) * n] for p in range(len(parts)))
+    logits = functools.reduce(jnp.add, [both[:, n * r + p * n : n * r + (p + 1) * n] for p in range(len(parts))])
     return both[:, : n * r].reshape(m, n, r), logits
 
 
@@ -206,14 +206,14 @@ def split_in_two(value):
 
 def compute_gate_logits(x, gate) -> jax.Array:
     """x @ gate [M, N] in float32: float32-accurate for a float32 gate, the bfloat16 product for a bfloat16 one
-    (meteora.cast_gates). For bfloat16 x see `_split_gate_logits`. Below GATE_MIN_ROWS tokens XLA lowers the
+    (meteora_checkpoint.cast_gates). For bfloat16 x see `_split_gate_logits`. Below GATE_MIN_ROWS tokens XLA lowers the
     dot to a multiply and a reduction that cost 2-3x a matrix product on an H100 (bench/NOTES.md); zero rows
     keep it a product."""
     m = x.shape[0]
     if m < GATE_MIN_ROWS:
         x = jnp.concatenate([x, jnp.zeros((GATE_MIN_ROWS - m, x.shape[1]), x.dtype)])
     if x.dtype == jnp.bfloat16:
-        return _split_gate_logits(x, _gate_operand(gate))[:m]
+        return _split_gate_logits(x, gate_operand(gate))[:m]
     return jnp.dot(x.astype(jnp.float32), gate.astype(jnp.float32))[:m]
 
 
@@ -284,15 +284,14 @@ def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None, dtype
     Mixtures alone (`tokens` None, e.g. forced routing): dense while N * r <= DENSE_MAX_TOTAL_RANK,
     else bmm. The gated layer (`tokens` given) on a GPU: within the decode kernels' limits, the Pallas
     decode kernels, which took the least device time at 1 and 16 tokens for every N measured; on long
-    prompts of bfloat16 tokens (`dtype`), the Pallas prefill forms where they won (see the constants).
+    prompts of bfloat16 tokens (`dtype`), the Pallas dense expand where it won (see PALLAS_PREFILL_MIN_TOKENS).
     """
     total_rank = num_adapters * rank
     if tokens is not None and jax.default_backend() == "gpu":
         if _fits_decode_kernels(tokens, num_adapters, rank):
             return "pallas"
         dense_expand = tokens >= PALLAS_PREFILL_MIN_TOKENS and total_rank <= DENSE_MAX_TOTAL_RANK
-        grouped = tokens >= PALLAS_GROUPED_MIN_TOKENS and total_rank >= PALLAS_GROUPED_MIN_TOTAL_RANK
-        if dtype == jnp.bfloat16 and rank <= PALLAS_MAX_RANK and (dense_expand or grouped):
+        if dtype == jnp.bfloat16 and rank <= PALLAS_MAX_RANK and dense_expand:
             return "pallas"
     return "dense" if total_rank <= DENSE_MAX_TOTAL_RANK else "bmm"
 

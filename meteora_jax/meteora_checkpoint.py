@@ -26,6 +26,8 @@ from meteora_jax.trainable import merge_params
 
 MANIFEST = "meteora.json"
 FORMAT = "meteora-jax/1"
+# How the gates may be held: float32 as trained and saved, bfloat16 for inference (cast_gates).
+GATE_DTYPES = ("float32", "bfloat16")
 _BASE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size")
 
@@ -66,6 +68,10 @@ def build_banks(
 
 
 def save_meteora(out: str | os.PathLike, tree: dict[str, Any], manifest: dict[str, Any], *, overwrite=False) -> Path:
+    for key, value in traverse_util.flatten_dict(tree).items():
+        if key[-1] == "gate" and jnp.dtype(value.dtype) != jnp.float32:
+            raise ValueError(f"the gate at {'/'.join(key[:-2])} is {jnp.dtype(value.dtype).name}: checkpoints keep "
+                             "the float32 gates (load with gate_dtype='float32'); bfloat16 copies are for inference")
     with atomic_directory(out, overwrite) as staging:
         write_params(staging, tree)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -111,8 +117,6 @@ def load_meteora(base: str | os.PathLike, meteora: str | os.PathLike, *, dtype: 
     return LoadedModel(loaded.config, module, merge_params(cast_gates(tree, gate_dtype), loaded.params),
                        loaded.tokenizer)
 
-
-GATE_DTYPES = ("float32", "bfloat16")
 
 
 def cast_gates(params: dict[str, Any], dtype: str) -> dict[str, Any]:

@@ -126,21 +126,26 @@ def layer_gate_accuracy(module, params, batch):
 
 
 @functools.partial(jax.jit, static_argnames=("module",))
-def routing_agreement(module, params, other_params, batch):
-    """Per-layer share [num_layers] (sorted layer-name order) of the real tokens of one batch that choose the same
-    set of adapters under `params` and `other_params`, e.g. float32 gates and their bfloat16 copies. Every layer
-    sees its own tree's inputs, so a change of route early on shows in the layers after it."""
+def compare_routing(module, params, other_params, batch) -> dict[str, jax.Array]:
+    """How `other_params` (e.g. the gates held in bfloat16) route one batch against `params`, per layer in sorted
+    layer-name order: "gate_accuracy", their gates' top-1 accuracy [num_layers], and "routing_agreement", the
+    share of real tokens choosing the same set of adapters under both trees [num_layers]. Each layer sees its own
+    tree's inputs, so a change of route early on shows in the layers after it."""
 
-    def chosen(p):
+    def forward(p):
         _, state = module.apply({"params": p}, batch["tokens"], segment_ids=batch["segment_ids"],
                                 mutable=["intermediates"])
         flat = traverse_util.flatten_dict(state["intermediates"])
-        return {"/".join(k[:-1]): jnp.sort(v[0], axis=-1) for k, v in flat.items() if k[-1] == "adapter_indices"}
+        chosen = {"/".join(k[:-1]): jnp.sort(v[0], axis=-1) for k, v in flat.items() if k[-1] == "adapter_indices"}
+        if not chosen:
+            raise ValueError("the model has no MeteoRA layers: nothing sows adapter choices")
+        return chosen, gate_logits_by_layer(state["intermediates"])
 
-    ours, theirs = chosen(params), chosen(other_params)
+    (ours, _), (theirs, their_logits) = forward(params), forward(other_params)
     real = batch["segment_ids"] > 0
     count = jnp.maximum(jnp.sum(real), 1)
-    return jnp.stack([jnp.sum(jnp.all(ours[n] == theirs[n], axis=-1) & real) / count for n in sorted(ours)])
+    agreement = jnp.stack([jnp.sum(jnp.all(ours[n] == theirs[n], axis=-1) & real) / count for n in sorted(ours)])
+    return {"gate_accuracy": gate_loss(their_logits, batch["task_ids"])[1], "routing_agreement": agreement}
 
 
 def peak_memory_bytes() -> int | None:

@@ -169,19 +169,23 @@ def test_bfloat16_dense_layer_with_folded_gate_matches_loop(rng):
     assert logits.dtype == jnp.float32 and logits.shape == (2, 7, N)
 
 
-def test_routing_agreement_counts_the_tokens_that_keep_their_adapters(rng):
-    from meteora_jax.training import routing_agreement
+def test_compare_routing_counts_the_tokens_that_keep_their_adapters(rng):
+    from meteora_jax.training import compare_routing
 
     _, model, params = meteora_model()
     tokens = rng.integers(3, 97, (2, 7))
-    batch = {"tokens": tokens, "segment_ids": np.array([[1] * 7, [1] * 5 + [0] * 2])}
-    same = routing_agreement(model, params, params, batch)
-    assert same.shape == (2 * 7,) and np.all(np.asarray(same) == 1.0)
-    # Reversed gate columns of one projection reverse its ranking: its top-2 of 4 becomes the other two.
+    batch = {"tokens": tokens, "segment_ids": np.array([[1] * 7, [1] * 5 + [0] * 2]),
+             "task_ids": np.array([[0] * 7, [2] * 5 + [-1] * 2])}
+    same = compare_routing(model, params, params, batch)
+    assert same["routing_agreement"].shape == (2 * 7,) and np.all(np.asarray(same["routing_agreement"]) == 1.0)
+    # A negated gate of one projection reverses its ranking: its top 2 of 4 adapters become the other two.
     flipped = jax.tree_util.tree_map_with_path(
-        lambda p, x: x[:, ::-1] if p[-1].key == "gate" and p[0].key == "layers_1" and p[2].key == "q_proj" else x,
-        params)
-    agreement = np.asarray(routing_agreement(model, params, flipped, batch))
+        lambda p, x: -x if p[-1].key == "gate" and p[0].key == "layers_1" and p[2].key == "q_proj" else x, params)
+    found = jax.tree.map(np.asarray, compare_routing(model, params, flipped, batch))
     names = sorted("/".join(k[:-2]) for k in traverse_util.flatten_dict(params) if k[-1] == "gate")
-    assert agreement[names.index("layers_1/self_attn/q_proj")] < 0.5
-    assert np.all(agreement[[i for i, n in enumerate(names) if n.startswith("layers_0")]] == 1.0)
+    q = names.index("layers_1/self_attn/q_proj")
+    assert found["routing_agreement"][q] == 0.0
+    assert np.all(found["routing_agreement"][[i for i, n in enumerate(names) if n.startswith("layers_0")]] == 1.0)
+    # The reversed gate's top-1 can no longer match a task the original gate got right.
+    original = np.asarray(same["gate_accuracy"])
+    assert found["gate_accuracy"][q] <= 1.0 - original[q] + 1e-6

@@ -214,6 +214,16 @@ def test_bfloat16_gates_for_inference(setup, rng):
         load_meteora(root / "base", root / "meteora", gate_dtype="float16")
 
 
+def test_bfloat16_gates_are_not_saved(setup, tmp_path):
+    from meteora_jax.meteora_checkpoint import cast_gates, save_meteora
+
+    root, *_ = setup
+    tree, manifest = read_meteora(root / "meteora")
+    with pytest.raises(ValueError, match="the gate at layers_0/mlp/down_proj is bfloat16"):
+        save_meteora(tmp_path / "out", cast_gates(tree, "bfloat16"), manifest)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cast_gates_needs_a_meteora_tree():
     from meteora_jax.meteora_checkpoint import cast_gates
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxpr_tools import equations
 
 from meteora_jax.lora_mixture import STRATEGIES, gated_output
 from meteora_jax.pallas.decode_layer import DecodeBlockSizes, decode_layer, decode_layer_reference
@@ -72,6 +73,28 @@ def test_decode_layer_with_a_bfloat16_gate_routes_on_its_product(case):
     assert rel_error(out.astype(jnp.float32) - y.astype(jnp.float32), ref - y.astype(jnp.float32)) < 1e-2
 
 
+def test_default_blocks_beyond_256_adapters_interpreted():
+    # Past 256 adapters route_shrink takes wider programs (DecodeBlockSizes.shrink); 300 inputs leave a ragged one.
+    case = (3, 300, 40, 300, 8, 2, 1.0)
+    x, gate, y, a, b, scaling = problem(case, "float32", seed=3)
+    assert DecodeBlockSizes().shrink(300)[0] == 256
+    out, logits, indices, _ = decode_layer(x, gate, y, a, b, scaling, top_k=2, temperature=1.0, interpret=True)
+    ref, ref_logits, ref_indices, _ = decode_layer_reference(x, gate, y, a, b, scaling, top_k=2, temperature=1.0)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(indices, ref_indices)
+    assert rel_error(out - y, ref - y) < 1e-5
+
+
+@pytest.mark.parametrize("gate_dtype", ["float32", "bfloat16"])
+def test_decode_gate_kernel_reads_a_bfloat16_gate_as_it_is(gate_dtype):
+    x, gate, y, a, b, scaling = problem(CASES[0], "bfloat16", seed=0)
+    jaxpr = jax.make_jaxpr(lambda g: decode_layer(x, g, y, a, b, scaling, top_k=2, temperature=1.0, interpret=True))(
+        gate.astype(gate_dtype)).jaxpr
+    gate_kernel = [e for e in equations(jaxpr) if e.primitive.name == "pallas_call"
+                   and "meteora_decode_gate" in str(e.params.get("name", e.params.get("name_and_src_info")))]
+    assert len(gate_kernel) == 1 and gate_kernel[0].invars[1].aval.dtype == gate_dtype
+
+
 def test_ties_go_to_the_lower_adapter_as_in_route():
     x, _, y, a, b, scaling = problem((4, 32, 32, 6, 4, 2, 1.0), "float32", seed=1)
     # One-hot token rows make each token's logits exactly a row of the gate, ties included.
@@ -129,6 +152,8 @@ def test_bad_blocks_shapes_and_limits_name_the_culprit():
     x, gate, y, a, b, scaling = args
     with pytest.raises(ValueError, match="block_out=24 must be a power of two"):
         decode_layer(*args, top_k=2, temperature=1.0, blocks=DecodeBlockSizes(block_out=24), interpret=True)
+    with pytest.raises(ValueError, match="shrink_num_warps=3 must be 1, 2, 4, 8 or 16"):
+        decode_layer(*args, top_k=2, temperature=1.0, blocks=DecodeBlockSizes(shrink_num_warps=3), interpret=True)
     with pytest.raises(ValueError, match=r"gate has shape \(32, 2\); expected \(32, 3\)"):
         decode_layer(x, gate[:, :2], y, a, b, scaling, top_k=2, temperature=1.0, interpret=True)
     with pytest.raises(ValueError, match=r"y has shape \(4, 31\)"):
@@ -209,8 +234,7 @@ def test_gated_layer_on_no_tokens_and_auto_past_the_kernels_limits(monkeypatch):
     assert lora_mixture.pick_strategy(65, 8, 16384, bf16) == "bmm"  # N r = 520
     assert lora_mixture.pick_strategy(28, 8, 8192, jnp.float32) == "dense"  # measured in bfloat16 only
     assert lora_mixture.pick_strategy(256, 8, 16384, bf16) == "bmm"
-    assert lora_mixture.pick_strategy(1024, 8, 16383, bf16) == "bmm"
-    assert lora_mixture.pick_strategy(1024, 8, 16384, bf16) == "pallas"  # the grouped kernels
+    assert lora_mixture.pick_strategy(1024, 8, 16384, bf16) == "bmm"  # the grouped kernels lose on prompt-like routing
     assert lora_mixture.pick_strategy(64, 256, 16384, bf16) == "bmm"  # rank past the kernels' 128
     assert lora_mixture.pick_strategy(28, 8) == "dense"  # mixtures alone stay in XLA
     assert lora_mixture.pick_strategy(28, 256, 4) == "bmm"  # rank past the kernels' 128

@@ -38,11 +38,11 @@ from meteora_jax.trainable import GATES, GATES_AND_ADAPTERS, merge_params, split
 from meteora_jax.training import (
     TrainConfig,
     committed,
+    compare_routing,
     gate_logits_by_layer,
     layer_gate_accuracy,
     make_optimizer,
     peak_memory_bytes,
-    routing_agreement,
     step_summary,
     train_step,
 )
@@ -234,9 +234,8 @@ def train(args, out: Path) -> int:
 def bfloat16_gate_check(module, params, arrays, layer_names) -> dict:
     """How the trained gates route when held in bfloat16 for inference (meteora_checkpoint.cast_gates): held-out
     gate accuracy, and the share of tokens per layer whose chosen adapters stay the same."""
-    bf16 = cast_gates(params, "bfloat16")
-    accuracy = np.asarray(layer_gate_accuracy(module, bf16, arrays))
-    agreement = np.asarray(routing_agreement(module, params, bf16, arrays))
+    found = jax.tree.map(np.asarray, compare_routing(module, params, cast_gates(params, "bfloat16"), arrays))
+    accuracy, agreement = found["gate_accuracy"], found["routing_agreement"]
     return {"mean_gate_accuracy": float(accuracy.mean()), "mean_routing_agreement": float(agreement.mean()),
             "layers_routing_agreement": dict(zip(layer_names, map(float, agreement)))}
 

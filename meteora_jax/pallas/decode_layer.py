@@ -28,7 +28,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from meteora_jax.lora_mixture import PALLAS_DECODE_MAX_ADAPTERS, PALLAS_DECODE_MAX_TOKENS, PALLAS_MAX_RANK, route
+from meteora_jax.lora_mixture import (
+    PALLAS_DECODE_MAX_ADAPTERS,
+    PALLAS_DECODE_MAX_TOKENS,
+    PALLAS_MAX_RANK,
+    gate_operand,
+    route,
+)
 from meteora_jax.pallas.block_sizes import check_powers_of_two
 from meteora_jax.pallas.lora_gather import lora_gather_reference
 
@@ -48,8 +54,8 @@ MAX_GATE_SPLITS = 64
 MAX_GATE_ROWS = 512
 # route_shrink's (input features, warps) per program by adapter count: each program sums all of its token's
 # logit shares, which at 1024 adapters outweighs its slice of x A; fewer, wider programs with more warps
-# (256, 4) took 4.8 against 5.7 us at T = 1 and 6.2 against 7.3 at T = 16 there (bench/NOTES.md), while
-# (128, 1) stayed best at N = 28.
+# (256, 4) took 4.8 against 5.7 us at T = 1 and 6.2 against 7.3 at T = 16 there (bench/NOTES.md), while at
+# N = 28 and 256 (128, 1) was best over T = 1 and 16 together (others won one T by 0.2 us, lost the other).
 SHRINK_BY_ADAPTERS = ((256, (128, 1)),)
 SHRINK_MANY_ADAPTERS = (256, 4)
 
@@ -60,7 +66,7 @@ class DecodeBlockSizes:
     time (gate_num_warps warps: its dots use tensor cores); block_in: input features per route_shrink
     program (shrink_num_warps warps); block_out: output features per expand_add program (num_warps warps).
 
-    Defaults from bench/decode_tuning.py on an H100 (4096 -> 4096 and 14336, r = 8, N = 28 and 1024);
+    Defaults from bench/decode_tuning.py on an H100 (4096 -> 4096 and 14336, r = 8, N = 28, 256 and 1024);
     gate_block_in, block_in and shrink_num_warps None pick them from N (see gate_rows and shrink).
     """
 
@@ -75,11 +81,16 @@ class DecodeBlockSizes:
 
     def check(self) -> None:
         check_powers_of_two(self, ("gate_block_in", "gate_block_adapters", "gate_step_rows", "block_in", "block_out"))
+        for name in ("gate_num_warps", "shrink_num_warps", "num_warps"):
+            warps = getattr(self, name)
+            if warps is not None and warps not in (1, 2, 4, 8, 16):
+                raise ValueError(f"{name}={warps} must be 1, 2, 4, 8 or 16")
 
     def shrink(self, num_adapters: int) -> tuple[int, int]:
         """route_shrink's (block_in, shrink_num_warps): as set, else from N by SHRINK_BY_ADAPTERS."""
         block_in, warps = next((v for most, v in SHRINK_BY_ADAPTERS if num_adapters <= most), SHRINK_MANY_ADAPTERS)
-        return self.block_in or block_in, self.shrink_num_warps or warps
+        return (block_in if self.block_in is None else self.block_in,
+                warps if self.shrink_num_warps is None else self.shrink_num_warps)
 
     def gate_rows(self, in_features: int, num_adapters: int) -> int:
         """gate_block_in, or by default the rows that GATE_ROWS_BY_ADAPTERS gives for N (at most the
@@ -303,9 +314,8 @@ def decode_layer(x, gate, y, lora_a, lora_b, scaling, *, top_k: int, temperature
     """
     blocks.check()
     _check_shapes(x, gate, y, lora_a, lora_b, scaling, top_k)
-    gate = gate if gate.dtype == jnp.bfloat16 else gate.astype(jnp.float32)
-    return _decode_layer(x, gate, y, lora_a, lora_b, scaling.astype(jnp.float32), top_k, float(temperature), blocks,
-                         interpret)
+    return _decode_layer(x, gate_operand(gate), y, lora_a, lora_b, scaling.astype(jnp.float32), top_k,
+                         float(temperature), blocks, interpret)
 
 
 def decode_layer_reference(x, gate, y, lora_a, lora_b, scaling, *, top_k: int, temperature: float):
