@@ -281,7 +281,8 @@ def gate_strategy_section(run: dict) -> list[str]:
     return lines + [""]
 
 
-def main() -> None:
+def render() -> str:
+    """RESULTS.md's text, from the committed JSON."""
     lines = ["# Benchmark results\n",
              "Written by `bench/results_tables.py` from the JSON in `results/` (every sample is there). Analysis, "
              "predictions and conclusions: `NOTES.md`.\n"]
@@ -316,7 +317,11 @@ def main() -> None:
     lines += bfloat16_gates_section(load("train_pipeline_gates_bf16_check.json"),
                                     load("train_pipeline_gates_bf16_check_validation.json"))
     lines += gate_strategy_section(load("train_gates_strategy.json"))
-    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    (HERE / "RESULTS.md").write_text(render())
 
 
 if __name__ == "__main__":

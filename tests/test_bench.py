@@ -1,0 +1,44 @@
+"""The GPU benchmarks' plumbing on the CPU: the committed tables, a smoke run of the layer benchmark, arguments."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+
+def test_results_md_is_what_the_committed_json_gives():
+    import results_tables
+
+    assert results_tables.render() == (BENCH / "RESULTS.md").read_text(), "run python bench/results_tables.py"
+
+
+def test_layer_benchmark_smoke_run_with_bfloat16_gates(tmp_path):
+    out = tmp_path / "layer.json"
+    subprocess.run([sys.executable, str(BENCH / "meteora_layer.py"), "--smoke", "--variants", "dense,pallas",
+                    "--gate-dtype", "bfloat16", "--out", str(out)], check=True, capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["gate_dtype"] == "bfloat16" and report["targets"]
+    variants = {(r["in_features"], r["out_features"], r["adapters"], r["tokens"], r["variant"]): r
+                for r in report["results"]}
+    cases = {key[:4] for key in variants}
+    assert len(cases) == 9
+    for case in cases:
+        for variant in ("base", "lora", "dense", "pallas"):
+            row = variants[(*case, variant)]
+            assert row["status"] == "ok" and row["median_ms"] > 0, (case, variant)
+
+
+@pytest.mark.parametrize("flag,value", [("--gate-tiles", "256"), ("--gate-tiles", "256x"), ("--cases", "1:1024"),
+                                        ("--warps", "four")])
+def test_decode_tuning_names_a_malformed_argument(flag, value, capsys):
+    import decode_tuning
+
+    with pytest.raises(SystemExit) as exit_info:
+        decode_tuning.main([flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
