@@ -118,7 +118,6 @@ def load_meteora(base: str | os.PathLike, meteora: str | os.PathLike, *, dtype: 
                        loaded.tokenizer)
 
 
-
 def cast_gates(params: dict[str, Any], dtype: str) -> dict[str, Any]:
     """`params` with every MeteoRA gate held in `dtype`; the other leaves are untouched.
 

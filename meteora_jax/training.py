@@ -135,11 +135,12 @@ def compare_routing(module, params, other_params, batch) -> dict[str, jax.Array]
     def forward(p):
         _, state = module.apply({"params": p}, batch["tokens"], segment_ids=batch["segment_ids"],
                                 mutable=["intermediates"])
-        flat = traverse_util.flatten_dict(state["intermediates"])
+        sown = state.get("intermediates", {})
+        flat = traverse_util.flatten_dict(sown)
         chosen = {"/".join(k[:-1]): jnp.sort(v[0], axis=-1) for k, v in flat.items() if k[-1] == "adapter_indices"}
         if not chosen:
             raise ValueError("the model has no MeteoRA layers: nothing sows adapter choices")
-        return chosen, gate_logits_by_layer(state["intermediates"])
+        return chosen, gate_logits_by_layer(sown)
 
     (ours, _), (theirs, their_logits) = forward(params), forward(other_params)
     real = batch["segment_ids"] > 0

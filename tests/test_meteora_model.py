@@ -186,6 +186,10 @@ def test_compare_routing_counts_the_tokens_that_keep_their_adapters(rng):
     q = names.index("layers_1/self_attn/q_proj")
     assert found["routing_agreement"][q] == 0.0
     assert np.all(found["routing_agreement"][[i for i, n in enumerate(names) if n.startswith("layers_0")]] == 1.0)
+    plain = LlamaForCausalLM(tiny_config())
+    plain_params = plain.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    with pytest.raises(ValueError, match="the model has no MeteoRA layers"):
+        compare_routing(plain, plain_params, plain_params, batch)
     # The reversed gate's top-1 can no longer match a task the original gate got right.
     original = np.asarray(same["gate_accuracy"])
     assert found["gate_accuracy"][q] <= 1.0 - original[q] + 1e-6
