@@ -300,6 +300,7 @@ def render() -> str:
                                    "bfloat16 gates, route_shrink and expand_add warps (then shared)")
     lines += decode_tuning_section(load("decode_tuning_gate_step_rows_bf16.json"),
                                    "bfloat16 gates, gate rows per step (route_shrink at 256 inputs, 4 warps)")
+    lines += decode_tuning_section(load("decode_tuning_gate_warps_bf16.json"), "bfloat16 gates, gate warps")
     lines += layer_section([load("meteora_layer_decode.json")],
                            "MeteoRA layer, few-token cases after the decode gate's tiles moved (rows by N, read in "
                            "steps)", "chained")
