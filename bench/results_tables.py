@@ -267,6 +267,25 @@ def bfloat16_gates_section(run: dict, validation: dict) -> list[str]:
     ]
 
 
+def tile_adapters_section(run: dict) -> list[str]:
+    lines = [
+        "## Per-tile adapter mixture, a design experiment (`tile_adapters.py`)\n",
+        f"Date {run['date'][:10]}; {run['device']}; jax {run['versions']['jax']}. The mixture alone (no base matmul, "
+        f"no gate), 4096 -> 4096, bf16, r = 8, k = 2, tokens routed in runs of {run['segment_tokens']}; device "
+        "time, routing preparation included. U: adapters per 64-token tile; tiles whose tokens chose more are "
+        "counted, and this prototype drops the rest (hence the error).\n",
+        "| N | T | U | tile us | tiles over U | error of the delta | bmm us | grouped us |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in run["results"]:
+        cases = [o for o in run["results"] if (o["adapters"], o["tokens"]) == (r["adapters"], r["tokens"])]
+        xla = next((o for o in cases if "bmm_us" in o), {})
+        lines.append(f"| {r['adapters']} | {r['tokens']} | {r['slots']} | {r['tile_us']:.0f} | "
+                     f"{r['tiles_over_slots']:.1%} | {r['rel_error_of_delta']:.4f} | {xla.get('bmm_us', 0):.0f} | "
+                     f"{xla.get('grouped_us', 0):.0f} |")
+    return lines + [""]
+
+
 def gate_strategy_section(run: dict) -> list[str]:
     lines = [
         "## Gate training by MeteoRA strategy (`train.gates --strategy`)\n",
@@ -301,6 +320,7 @@ def render() -> str:
     lines += decode_tuning_section(load("decode_tuning_gate_step_rows_bf16.json"),
                                    "bfloat16 gates, gate rows per step (route_shrink at 256 inputs, 4 warps)")
     lines += decode_tuning_section(load("decode_tuning_gate_warps_bf16.json"), "bfloat16 gates, gate warps")
+    lines += tile_adapters_section(load("tile_adapters.json"))
     lines += layer_section([load("meteora_layer_decode.json")],
                            "MeteoRA layer, few-token cases after the decode gate's tiles moved (rows by N, read in "
                            "steps)", "chained")

@@ -42,3 +42,13 @@ def test_decode_tuning_names_a_malformed_argument(flag, value, capsys):
         decode_tuning.main([flag, value])
     assert exit_info.value.code == 2
     assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_tile_adapter_prototype_smoke_run_matches_the_reference(tmp_path):
+    out = tmp_path / "tile.json"
+    subprocess.run([sys.executable, str(BENCH / "tile_adapters.py"), "--smoke", "--out", str(out)], check=True,
+                   capture_output=True)
+    rows = json.loads(out.read_text())["results"]
+    assert {r["slots"] for r in rows} == {4, 8}
+    for r in rows:
+        assert r["tiles_over_slots"] == 0.0 and r["rel_error_of_delta"] < 1e-2
