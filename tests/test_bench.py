@@ -48,7 +48,7 @@ def test_tile_adapter_prototype_smoke_run_matches_the_reference(tmp_path):
     out = tmp_path / "tile.json"
     subprocess.run([sys.executable, str(BENCH / "tile_adapters.py"), "--smoke", "--out", str(out)], check=True,
                    capture_output=True)
-    rows = json.loads(out.read_text())["results"]
-    assert {r["slots"] for r in rows} == {4, 8}
-    for r in rows:
-        assert r["tiles_over_slots"] == 0.0 and r["rel_error_of_delta"] < 1e-2
+    rows = {r["slots"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows[2]["tiles_in_second_pass"] > 0  # the second pass runs, and is exact too
+    for r in rows.values():
+        assert r["tiles_over_two_passes"] == 0.0 and r["rel_error_of_delta"] < 1e-2
