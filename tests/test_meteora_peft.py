@@ -17,7 +17,9 @@ from meteora_jax.convert_llama import convert_llama
 from meteora_jax.meteora_checkpoint import load_meteora, read_meteora
 from meteora_jax.routing import Routing
 
-F32_TOLERANCE = 1e-5
+# Float32 against peft on fresh random tokens: relative error median 6e-7, up to 1e-5 in 180 draws and 2e-5 once
+# in CI (summation order); a wrong scaling, rank or routing shows at 1e-2 and more.
+F32_TOLERANCE = 5e-5
 ADAPTERS = {
     "full": dict(r=4, lora_alpha=8),
     "attention-only": dict(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"]),
