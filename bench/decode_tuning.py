@@ -127,12 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated warps of route_shrink and expand_add to sweep")
     args = parser.parse_args(argv)
     out = args.out or default_result_path("decode_tuning.json")
-    cases, gate_tiles, blocks, warps = args.cases, args.gate_tiles, args.blocks, args.warps
-    gate_steps, gate_warps = args.gate_steps, args.gate_warps
     rows = []
-    for tokens, adapters, out_features in cases:
+    for tokens, adapters, out_features in args.cases:
         x, sets = weights(tokens, adapters, out_features, args.gate_dtype)
-        for config in configs(gate_tiles, blocks, warps, gate_steps, gate_warps):
+        for config in configs(args.gate_tiles, args.blocks, args.warps, args.gate_steps, args.gate_warps):
             rows.append({"tokens": tokens, "adapters": adapters, "out_features": out_features,
                          **dataclasses.asdict(config), **kernel_us(config, x, sets, out_features)})
         del sets

@@ -31,8 +31,7 @@ from jax.experimental.pallas import triton as plt
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from meteora_layer import Case, environment, make_params, segment_inputs  # noqa: E402
-from profile_events import traced_kernel_events  # noqa: E402
+from meteora_layer import Case, environment, kernel_ms_per_call, make_params, segment_inputs  # noqa: E402
 from result_path import default_result_path  # noqa: E402
 
 from meteora_jax.lora_mixture import compute_gate_logits, mixture_bmm, route  # noqa: E402
@@ -155,11 +154,7 @@ def tile_mixture_add(x, lora_a, lora_b, scaling, indices, weights, y, *, block_t
 
 
 def kernel_us(fn, *args) -> float:
-    compiled = jax.jit(fn).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))
-    runs = [sum(d for _, _, d in traced_kernel_events(lambda: jax.block_until_ready(compiled(*args)))) / 1e3
-            for _ in range(3)]
-    return sorted(runs)[1]
+    return kernel_ms_per_call(jax.jit(fn).lower(*args).compile(), args, calls=1) * 1e3
 
 
 def main(argv=None) -> int:

@@ -69,7 +69,7 @@ def build_banks(
 
 def save_meteora(out: str | os.PathLike, tree: dict[str, Any], manifest: dict[str, Any], *, overwrite=False) -> Path:
     for key, value in traverse_util.flatten_dict(tree).items():
-        if key[-1] == "gate" and jnp.dtype(value.dtype) != jnp.float32:
+        if _is_gate(key) and jnp.dtype(value.dtype) != jnp.float32:
             raise ValueError(f"the gate at {'/'.join(key[:-2])} is {jnp.dtype(value.dtype).name}: checkpoints keep "
                              "the float32 gates (load with gate_dtype='float32'); bfloat16 copies are for inference")
     with atomic_directory(out, overwrite) as staging:
@@ -128,12 +128,16 @@ def cast_gates(params: dict[str, Any], dtype: str) -> dict[str, Any]:
     """
     _check_gate_dtype(dtype)
     flat = traverse_util.flatten_dict(params)
-    if not any(key[-2:] == ("meteora", "gate") for key in flat):
+    if not any(map(_is_gate, flat)):
         raise ValueError("no MeteoRA gates (meteora/gate leaves) in the tree: is it a MeteoRA model?")
     gate_dtype = jnp.dtype(dtype)
     return traverse_util.unflatten_dict(
-        {key: value.astype(gate_dtype) if key[-2:] == ("meteora", "gate") else value for key, value in flat.items()}
+        {key: value.astype(gate_dtype) if _is_gate(key) else value for key, value in flat.items()}
     )
+
+
+def _is_gate(key: tuple[str, ...]) -> bool:
+    return key[-2:] == ("meteora", "gate")
 
 
 def _check_gate_dtype(dtype: str) -> None:

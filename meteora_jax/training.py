@@ -128,9 +128,10 @@ def layer_gate_accuracy(module, params, batch):
 @functools.partial(jax.jit, static_argnames=("module",))
 def compare_routing(module, params, other_params, batch) -> dict[str, jax.Array]:
     """How `other_params` (e.g. the gates held in bfloat16) route one batch against `params`, per layer in sorted
-    layer-name order: "gate_accuracy", their gates' top-1 accuracy [num_layers], and "routing_agreement", the
-    share of real tokens choosing the same set of adapters under both trees [num_layers]. Each layer sees its own
-    tree's inputs, so a change of route early on shows in the layers after it."""
+    layer-name order: "gate_accuracy" and "other_gate_accuracy", each tree's gate top-1 accuracy [num_layers],
+    and "routing_agreement", the share of real tokens choosing the same set of adapters under both trees
+    [num_layers]. Each layer sees its own tree's inputs, so a change of route early on shows in the layers after
+    it."""
 
     def forward(p):
         _, state = module.apply({"params": p}, batch["tokens"], segment_ids=batch["segment_ids"],
@@ -142,11 +143,12 @@ def compare_routing(module, params, other_params, batch) -> dict[str, jax.Array]
             raise ValueError("the model has no MeteoRA layers: nothing sows adapter choices")
         return chosen, gate_logits_by_layer(sown)
 
-    (ours, _), (theirs, their_logits) = forward(params), forward(other_params)
+    (ours, our_logits), (theirs, their_logits) = forward(params), forward(other_params)
     real = batch["segment_ids"] > 0
     count = jnp.maximum(jnp.sum(real), 1)
     agreement = jnp.stack([jnp.sum(jnp.all(ours[n] == theirs[n], axis=-1) & real) / count for n in sorted(ours)])
-    return {"gate_accuracy": gate_loss(their_logits, batch["task_ids"])[1], "routing_agreement": agreement}
+    return {"gate_accuracy": gate_loss(our_logits, batch["task_ids"])[1],
+            "other_gate_accuracy": gate_loss(their_logits, batch["task_ids"])[1], "routing_agreement": agreement}
 
 
 def peak_memory_bytes() -> int | None:

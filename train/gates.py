@@ -213,10 +213,7 @@ def train(args, out: Path) -> int:
     metrics_file.close()
 
     params = merge_params(trainable, frozen)
-    accuracy = np.asarray(layer_gate_accuracy(loaded.module, params, eval_arrays))
-    validation = {"mean_gate_accuracy": float(accuracy.mean()),
-                  "layers": dict(zip(layer_names, map(float, accuracy))),
-                  "bfloat16_gates": bfloat16_gate_check(loaded.module, params, eval_arrays, layer_names)}
+    validation = held_out_validation(loaded.module, params, eval_arrays, layer_names)
     (out / "validation.json").write_text(json.dumps(validation, indent=2) + "\n")
     summary = {**step_summary(step_seconds, step_tokens), "peak_memory_bytes": peak_memory_bytes(),
                "train_rows": rows, "tasks": tasks}
@@ -231,13 +228,16 @@ def train(args, out: Path) -> int:
     return 0
 
 
-def bfloat16_gate_check(module, params, arrays, layer_names) -> dict:
-    """How the trained gates route when held in bfloat16 for inference (meteora_checkpoint.cast_gates): held-out
-    gate accuracy, and the share of tokens per layer whose chosen adapters stay the same."""
+def held_out_validation(module, params, arrays, layer_names) -> dict:
+    """Held-out gate accuracy per layer, and how the trained gates route when held in bfloat16 for inference
+    (meteora_checkpoint.cast_gates): their accuracy, and the share of tokens per layer whose chosen adapters stay
+    the same. One pass of each tree."""
     found = jax.tree.map(np.asarray, compare_routing(module, params, cast_gates(params, "bfloat16"), arrays))
     accuracy, agreement = found["gate_accuracy"], found["routing_agreement"]
-    return {"mean_gate_accuracy": float(accuracy.mean()), "mean_routing_agreement": float(agreement.mean()),
-            "layers_routing_agreement": dict(zip(layer_names, map(float, agreement)))}
+    return {"mean_gate_accuracy": float(accuracy.mean()), "layers": dict(zip(layer_names, map(float, accuracy))),
+            "bfloat16_gates": {"mean_gate_accuracy": float(found["other_gate_accuracy"].mean()),
+                               "mean_routing_agreement": float(agreement.mean()),
+                               "layers_routing_agreement": dict(zip(layer_names, map(float, agreement)))}}
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
