@@ -7,7 +7,11 @@ cases) under jax.profiler; kernel events of the GPU's streams are summed by name
 calls. "busy" is the summed kernel time per call, "span" the first kernel's start to the last kernel's
 end per call: span - busy is the idle time between kernels (launch latency and dependencies).
 
+Cases of more than MAX_REPEATED_TOKENS tokens run one layer call instead, on inputs routed in runs with
+--segment-tokens (as meteora_layer.py feeds them).
+
 Usage (GPU): python bench/kernel_trace.py [--cases 4096x4096x28x16,...] [--variants lora,pallas]
+             [--segment-tokens L] [--gate-dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -25,7 +29,17 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from meteora_layer import LAYERS, LAYERS_PER_PROGRAM, Case, environment, make_params, normal, repeated  # noqa: E402
+from meteora_layer import (  # noqa: E402
+    LAYERS,
+    LAYERS_PER_PROGRAM,
+    MAX_REPEATED_TOKENS,
+    Case,
+    environment,
+    make_params,
+    normal,
+    repeated,
+    segment_inputs,
+)
 from profile_events import traced_kernel_events  # noqa: E402
 from result_path import default_result_path  # noqa: E402
 
@@ -42,16 +56,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated IN x OUT x N x T")
     parser.add_argument("--variants", default=",".join(LAYERS), help="comma-separated variant names")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--segment-tokens", type=int, help="route cases of > 256 tokens in runs of this many tokens")
+    parser.add_argument("--gate-dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--hlo-dir", type=Path, help="also write each program's optimized HLO here, to map "
                         "kernel names (XLA's fusion names) to the operations they hold")
     return parser.parse_args(argv)
 
 
-def trace_variant(variant: str, case: Case, hlo_dir: Path | None) -> dict[str, Any]:
+def trace_variant(variant: str, case: Case, args: argparse.Namespace) -> dict[str, Any]:
     key = jax.random.key(0)
-    params = tuple(make_params(case, k) for k in jax.random.split(key, LAYERS_PER_PROGRAM))
+    calls = LAYERS_PER_PROGRAM if case.tokens <= MAX_REPEATED_TOKENS else 1
+    params = tuple(make_params(case, k, args.gate_dtype) for k in jax.random.split(key, calls))
     x = normal(jax.random.fold_in(key, 1), (case.tokens, case.in_features), 1.0)
+    if calls == 1 and args.segment_tokens:
+        x = segment_inputs(jax.random.fold_in(key, 1), case.tokens, params[0]["gate"], args.segment_tokens)
     compiled = jax.jit(repeated(LAYERS[variant])).lower(x, params).compile()
+    hlo_dir = args.hlo_dir
     if hlo_dir:
         hlo_dir.mkdir(parents=True, exist_ok=True)
         name = f"{case.in_features}x{case.out_features}x{case.adapters}x{case.tokens}_{variant}.hlo.txt"
@@ -65,16 +85,15 @@ def trace_variant(variant: str, case: Case, hlo_dir: Path | None) -> dict[str, A
         by_name[name].append(duration)
     start = min(s for _, s, _ in events)
     end = max(s + d for _, s, d in events)
-    calls = LAYERS_PER_PROGRAM
     kernels = sorted(
         ({"name": n, "per_call": len(d) / calls, "us_per_call": sum(d) / calls / 1e3} for n, d in by_name.items()),
         key=lambda k: -k["us_per_call"],
     )
     return {
         "variant": variant, "status": "ok",
-        "kernels_per_call": len(events) / LAYERS_PER_PROGRAM,
-        "busy_us": sum(d for _, _, d in events) / LAYERS_PER_PROGRAM / 1e3,
-        "span_us": (end - start) / LAYERS_PER_PROGRAM / 1e3,
+        "kernels_per_call": len(events) / calls,
+        "busy_us": sum(d for _, _, d in events) / calls / 1e3,
+        "span_us": (end - start) / calls / 1e3,
         "kernels": kernels,
     }
 
@@ -88,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for case in cases:
         for variant in variants:
             try:
-                row = trace_variant(variant, case, args.hlo_dir)
+                row = trace_variant(variant, case, args)
             except Exception as error:  # noqa: BLE001 -- one failing variant must not cost the rest of a GPU run
                 row = {"variant": variant, "status": f"error: {str(error).splitlines()[0]}"}
             report["results"].append({"case": f"{case.in_features}x{case.out_features}x{case.adapters}x{case.tokens}",
@@ -101,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if r["status"] != "ok":
             print(f"| {r['case']} | {r['variant']} | {r['status']} | | | |")
             continue
-        top = "; ".join(f"{k['name'][:40]} x{k['per_call']:g} {k['us_per_call']:.1f}" for k in r["kernels"][:5])
+        top = "; ".join(f"{k['name'][:40]} x{k['per_call']:g} {k['us_per_call']:.1f}" for k in r["kernels"][:8])
         print(f"| {r['case']} | {r['variant']} | {r['kernels_per_call']:.1f} | {r['busy_us']:.1f} | "
               f"{r['span_us']:.1f} | {top} |")
     return 0

@@ -300,6 +300,34 @@ def gate_strategy_section(run: dict) -> list[str]:
     return lines + [""]
 
 
+def gemm_section(base_forms: dict, routed: dict, shrink: dict) -> list[str]:
+    """The `fused` strategy's kernels against XLA: the best block sizes of each sweep, kernel time in ms."""
+    env = base_forms["environment"]
+    versions = f"{env['date'][:10]}, {env['device']}, jax {env['versions']['jax']}"
+    lines = [f"\n## Kernels of the `fused` strategy ({versions})\n",
+             "Device (kernel) time, bf16. `mosaic matmul`: jax's Hopper example GEMM (`base_gemm_forms.py`); "
+             "`routed_gemm`: the same with the adapters' extra step (`routed_gemm_tuning.py`); `tile_shrink` "
+             "(`tile_shrink_tuning.py`). Best block sizes of each sweep; every row is in the JSON.\n",
+             "| kernel | shape | XLA ms | kernel ms | ratio | best blocks |", "|---|---|---:|---:|---:|---|"]
+
+    def best(rows, key):
+        timed = [r for r in rows if r.get("kernel_ms") and r.get(key)]
+        return min(timed, key=lambda r: r["kernel_ms"]) if timed else None
+
+    for name, rows, shape_keys, key in (("mosaic matmul", base_forms["rows"], ("m", "k", "n"), "config"),
+                                        ("routed_gemm", routed["rows"], ("t", "i", "o"), "blocks"),
+                                        ("tile_shrink", shrink["rows"], ("tokens", "adapters"), "blocks")):
+        for shape in sorted({tuple(r[k] for k in shape_keys) for r in rows}):
+            same = [r for r in rows if tuple(r[k] for k in shape_keys) == shape]
+            xla = next(r["kernel_ms"] for r in same if r["form"] in ("xla", "xla_dot"))
+            top = best(same, key)
+            if top:
+                label = "x".join(map(str, shape)) if name != "tile_shrink" else f"T={shape[0]}, N={shape[1]}"
+                lines.append(f"| {name} | {label} | {xla:.4g} | {top['kernel_ms']:.4g} | "
+                             f"{top['kernel_ms'] / xla:.2f}x | `{top[key].split('(', 1)[1].rstrip(')')}` |")
+    return lines
+
+
 def render() -> str:
     """RESULTS.md's text, from the committed JSON."""
     lines = ["# Benchmark results\n",
@@ -314,6 +342,13 @@ def render() -> str:
                            "MeteoRA layer, many adapters, routing in runs of tokens", "chained")
     lines += layer_section([load("meteora_layer_segments_gate_bf16.json")],
                            "MeteoRA layer, many adapters, routing in runs of tokens, bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_fused_segments_gate_bf16.json")],
+                           "MeteoRA layer with the `fused` strategy (routed GEMM), routing in runs, bfloat16 gates",
+                           "chained")
+    lines += layer_section([load("meteora_layer_fused_random.json")],
+                           "MeteoRA layer with the `fused` strategy, random routing (its worst case)", "chained")
+    lines += gemm_section(load("base_gemm_forms.json"), load("routed_gemm_tuning.json"),
+                          load("tile_shrink_tuning.json"))
     lines += decode_tuning_section(load("decode_tuning_gate_bf16.json"), "bfloat16 gates, gate tiles")
     lines += decode_tuning_section(load("decode_tuning_shared_warps_bf16.json"),
                                    "bfloat16 gates, route_shrink and expand_add warps (then shared)")

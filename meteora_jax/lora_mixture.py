@@ -12,7 +12,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas", "auto")
+STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas", "fused", "auto")
+# `fused` computes the base linear too (meteora_jax/pallas/fused_linear.py), so it needs the base weight.
+MIXTURE_STRATEGIES = tuple(s for s in STRATEGIES if s != "fused")
 
 # N * r up to which `dense` (every adapter's x @ A in one matmul) is the fastest XLA form; above it
 # the per-token gather (`bmm`) wins. Measured on an H100 (bench/NOTES.md): dense and bmm tie at
@@ -225,18 +227,23 @@ def _split_gate_logits(x, gate):
     return _fold_gate_into_shrink(x, gate, no_adapters)[1]
 
 
-def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, strategy: str):
+def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, strategy: str, base_kernel=None):
     """The layer with its own gate routing: (y + delta in y's dtype, gate logits [M, N] float32, indices [M, K]).
 
-    x [M, I], y [M, O] the base output. Each strategy takes its fastest whole-layer form: bf16 `dense`
-    folds the gate into x @ A; `pallas` on few tokens runs gate, routing and mixture in its decode kernels,
-    on more tokens adds into y in place: with the dense expand kernel while N r <= DENSE_MAX_TOTAL_RANK,
-    else with the grouped (SGMV) kernels.
+    x [M, I], y [M, O] the base output, base_kernel [I, O] the weight that made it (needed by `fused`, which
+    recomputes y with the delta in its GEMM's epilogue; XLA then drops the unused y). Each strategy takes its
+    fastest whole-layer form: bf16 `dense` folds the gate into x @ A; `pallas` on few tokens runs gate, routing
+    and mixture in its decode kernels, on more tokens adds into y in place: with the dense expand kernel while
+    N r <= DENSE_MAX_TOTAL_RANK, else with the grouped (SGMV) kernels.
     """
     if x.shape[0] == 0:
         return y, jnp.zeros((0, lora_a.shape[0]), jnp.float32), jnp.zeros((0, top_k), jnp.int32)
     if strategy == "auto":
         strategy = pick_strategy(lora_a.shape[0], lora_a.shape[-1], x.shape[0], x.dtype)
+    if strategy == "fused":
+        logits = compute_gate_logits(x, gate)
+        indices, weights = route(logits, top_k, temperature)
+        return fused_output(x, base_kernel, lora_a, lora_b, scaling, indices, weights), logits, indices
     if strategy == "dense" and x.dtype == jnp.bfloat16:
         # The delta in y's dtype straight from the matmul: y + delta then becomes the matmul's epilogue
         # (cuBLAS's C operand) instead of a separate pass over [M, O] (bench/NOTES.md).
@@ -258,6 +265,15 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
         return mixture_pallas_add(x, lora_a, lora_b, scaling, indices, weights, y), logits, indices
     delta = lora_mixture(x, lora_a, lora_b, scaling, indices, weights, strategy)
     return y + delta.astype(y.dtype), logits, indices
+
+
+def fused_output(x, base_kernel, lora_a, lora_b, scaling, indices, weights):
+    """x @ base_kernel plus the mixture, in x's dtype, by the `fused` strategy's GEMM (bfloat16 only)."""
+    if base_kernel is None:
+        raise ValueError("strategy 'fused' computes the base linear too: it needs the base weight (base_kernel)")
+    from meteora_jax.pallas.fused_linear import fused_linear  # Pallas imports stay off the default path
+
+    return fused_linear(x, base_kernel, lora_a, lora_b, scaling, indices, weights)
 
 
 def _pallas_dense_expand(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature):
@@ -314,8 +330,10 @@ _IMPLEMENTATIONS = {
 
 def lora_mixture(x, lora_a, lora_b, scaling, indices, weights, strategy: str = "auto") -> jax.Array:
     """delta [M, O] in float32 for tokens x [M, I]; see the module docstring for the formula."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    if strategy == "fused":
+        raise ValueError("strategy 'fused' computes the base linear too; use gated_output or MeteoraDense")
+    if strategy not in MIXTURE_STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {MIXTURE_STRATEGIES}")
     n, i, r = lora_a.shape
     if x.shape[-1] != i or lora_b.shape[:2] != (n, r) or scaling.shape != (n,):
         raise ValueError(

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from meteora_jax.layers import PROJECTIONS, Linear, weight_init
-from meteora_jax.lora_mixture import STRATEGIES, compute_gate_logits, gated_output, lora_mixture
+from meteora_jax.lora_mixture import STRATEGIES, compute_gate_logits, fused_output, gated_output, lora_mixture
 from meteora_jax.routing import Routing
 
 
@@ -68,12 +68,16 @@ class MeteoraDense(nn.Module):
             out, gate_logits, indices = gated_output(
                 flat, y.reshape(-1, self.features), bank["gate"], lora_a, lora_b, bank["scaling"],
                 routing.top_k or cfg.top_k, routing.temperature or cfg.temperature, strategy,
+                base_kernel=kernel.astype(self.dtype),
             )
         else:
             gate_logits = compute_gate_logits(flat, bank["gate"])
             indices, weights = self._choose(gate_logits, routing)
-            delta = lora_mixture(flat, lora_a, lora_b, bank["scaling"], indices, weights, strategy)
-            out = y.reshape(-1, self.features) + delta.astype(y.dtype)
+            if strategy == "fused":
+                out = fused_output(flat, kernel.astype(self.dtype), lora_a, lora_b, bank["scaling"], indices, weights)
+            else:
+                delta = lora_mixture(flat, lora_a, lora_b, bank["scaling"], indices, weights, strategy)
+                out = y.reshape(-1, self.features) + delta.astype(y.dtype)
         self.sow("intermediates", "gate_logits", gate_logits.reshape(*x.shape[:-1], cfg.num_adapters))
         self.sow("intermediates", "adapter_indices", indices.reshape(*x.shape[:-1], -1))
         return out.reshape(y.shape)

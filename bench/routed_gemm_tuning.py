@@ -1,0 +1,73 @@
+"""Block sizes of the routed GEMM (meteora_jax/pallas/routed_gemm.py) against XLA's dot and XLA's LoRA form,
+device (kernel) time at prefill shapes, with each run's error against the plain reference.
+
+Usage: python bench/routed_gemm_tuning.py [--out FILE]   (GPU, Hopper)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from base_gemm_forms import timed  # noqa: E402
+from meteora_layer import environment  # noqa: E402
+from result_path import default_result_path  # noqa: E402
+
+from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes, routed_gemm, routed_gemm_reference  # noqa: E402
+
+SHAPES = ((16384, 4096, 4096), (4096, 4096, 4096), (16384, 4096, 14336))
+EXTENSION = 64
+
+
+def block_grid():
+    for (tile_m, tile_n), stages, split, width in itertools.product(
+        ((128, 128), (64, 256)), (3, 2), ("m", "n"), (8, 16)
+    ):
+        yield RoutedGemmBlockSizes(tile_m=tile_m, tile_n=tile_n, stages=stages, split=split, grid_tile_width=width)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=None)
+    out = parser.parse_args().out or default_result_path("routed_gemm_tuning.json")
+    rows = []
+    for t, i, o in SHAPES:
+        keys = jax.random.split(jax.random.key(t + o), 4)
+        x = jax.random.normal(keys[0], (t, i), jnp.bfloat16)
+        w = (jax.random.normal(keys[1], (i, o)) / i**0.5).astype(jnp.bfloat16)
+        h = jax.random.normal(keys[2], (t, EXTENSION), jnp.bfloat16)
+        xla_ms = timed(lambda x, w: x @ w, (x, w))
+        rows.append({"t": t, "i": i, "o": o, "form": "xla_dot", "kernel_ms": xla_ms})
+        best = None
+        for blocks in block_grid():
+            row = {"t": t, "i": i, "o": o, "form": "routed_gemm", "blocks": repr(blocks)}
+            tiles = t // blocks.tile_tokens
+            b_tile = (jax.random.normal(keys[3], (tiles, EXTENSION, o)) / 8).astype(jnp.bfloat16)
+            try:
+                got = routed_gemm(x, w, h, b_tile, blocks=blocks).astype(jnp.float32)
+                ref = routed_gemm_reference(x, w, h, b_tile).astype(jnp.float32)
+                row["rel_err"] = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+                row["kernel_ms"] = timed(lambda x, w, h, b, blocks=blocks: routed_gemm(x, w, h, b, blocks=blocks),
+                                         (x, w, h, b_tile))
+            except Exception as error:  # noqa: BLE001 - a block size the kernel rejects is recorded, not fatal
+                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            rows.append(row)
+            if row.get("kernel_ms") and (best is None or row["kernel_ms"] < best["kernel_ms"]):
+                best = row
+        summary = f"best {best['kernel_ms']:.3f} ms err {best['rel_err']:.1e} {best['blocks']}" if best else "none ran"
+        print(f"{t}x{i}->{o}: xla dot {xla_ms:.3f} ms; routed_gemm {summary}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Block sizes of the `fused` strategy's routed shrink (meteora_jax/pallas/tile_shrink.py): device (kernel) time
+on inputs routed in runs of 256 tokens (meteora_layer.py --segment-tokens), bf16, r = 8, with each run's error
+against the plain reference; XLA's form (gather A per tile, batched matmul) for comparison.
+
+Usage: python bench/tile_shrink_tuning.py [--out FILE]   (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from meteora_layer import TOP_K, Case, environment, kernel_ms_per_call, make_params, route, segment_inputs  # noqa: E402
+from result_path import default_result_path  # noqa: E402
+
+from meteora_jax.lora_mixture import compute_gate_logits  # noqa: E402
+from meteora_jax.pallas.fused_linear import slot_coefficients, slot_count, tile_slots  # noqa: E402
+from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes  # noqa: E402
+from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink, tile_shrink_reference  # noqa: E402
+
+CASES = (Case(4096, 4096, 256, 16384), Case(4096, 4096, 1024, 4096))
+TILE_TOKENS = RoutedGemmBlockSizes().tile_tokens
+
+
+def block_grid():
+    for tokens, block_in, warps, splits in itertools.product((64, 128), (128, 256), (4, 8), (1, 4, 8, 16)):
+        yield TileShrinkBlockSizes(block_tokens=tokens, block_in=block_in, num_warps=warps, splits=splits)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=None)
+    out = parser.parse_args().out or default_result_path("tile_shrink_tuning.json")
+    rows = []
+    for case in CASES:
+        p = make_params(case, jax.random.key(case.adapters), "bfloat16")
+        x = segment_inputs(jax.random.key(case.tokens), case.tokens, p["gate"], 256)
+        indices, weights = route(compute_gate_logits(x, p["gate"]), TOP_K, 1.0)
+        slots = slot_count(p["lora_a"].shape[-1])
+        adapters, slot = tile_slots(indices, case.adapters, TILE_TOKENS, slots)
+        coef = slot_coefficients(weights * p["scaling"][indices], slot, slots)
+        args = (x, p["lora_a"], adapters, coef)
+        ref = tile_shrink_reference(*args)
+        xla_ms = kernel_ms_per_call(jax.jit(tile_shrink_reference).lower(*args).compile(), args, 1)
+        rows.append({"case": case.shape, "adapters": case.adapters, "tokens": case.tokens, "form": "xla",
+                     "kernel_ms": xla_ms})
+        best = None
+        for blocks in block_grid():
+            row = {"adapters": case.adapters, "tokens": case.tokens, "form": "tile_shrink", "blocks": repr(blocks)}
+            try:
+                fn = jax.jit(lambda *a, blocks=blocks: tile_shrink(*a, tile_tokens=TILE_TOKENS, blocks=blocks))
+                got = fn(*args).astype(jnp.float32)
+                row["rel_err"] = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+                row["kernel_ms"] = kernel_ms_per_call(fn.lower(*args).compile(), args, 1)
+            except Exception as error:  # noqa: BLE001 - a block size the kernel rejects is recorded, not fatal
+                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            rows.append(row)
+            if row.get("kernel_ms") and (best is None or row["kernel_ms"] < best["kernel_ms"]):
+                best = row
+        summary = f"best {best['kernel_ms'] * 1e3:.1f} us err {best['rel_err']:.1e} {best['blocks']}" if best else ""
+        print(f"N={case.adapters} T={case.tokens}: xla {xla_ms * 1e3:.1f} us; tile_shrink {summary}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

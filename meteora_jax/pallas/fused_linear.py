@@ -1,0 +1,102 @@
+"""The `fused` strategy: the base linear and the routed mixture in one GEMM (`routed_gemm`), for prefill.
+
+Per tile of neighbouring tokens the routing keeps its first U distinct adapters as slots (U x r = 64 columns:
+8 adapters at r = 8). h [T, U r] holds each token's x A for each slot's adapter times its routing coefficient
+(zero for slots it did not choose), b_tile [tiles, U r, O] the slots' B rows; the GEMM adds h @ b_tile in its
+epilogue. A token choice whose adapter missed its tile's slots (a tile spanning more than U adapters) is added
+afterwards, per token, by meteora_jax/pallas/missed_add.py, whose programs return at once where none missed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add, missed_add_reference
+from meteora_jax.pallas.routed_gemm import LANE, RoutedGemmBlockSizes, routed_gemm
+from meteora_jax.pallas.tile_shrink import tile_shrink
+
+
+def slot_count(rank: int) -> int:
+    """Adapters per tile that the GEMM's one extra 64-column step holds (at least one)."""
+    return max(1, LANE // rank)  # tile_shrink's column layout
+
+
+def tile_slots(indices, num_adapters: int, tile_tokens: int, slots: int):
+    """(adapters [tiles, U]: each tile's first U distinct chosen adapters in index order, unused slots 0;
+    slot [T, K]: the slot holding each choice, U where its adapter missed its tile's slots)."""
+    t = indices.shape[0]
+    tiles = t // tile_tokens
+    tile_of_token = jnp.arange(t) // tile_tokens
+    present = jnp.zeros((tiles, num_adapters), jnp.int32).at[tile_of_token[:, None], indices].max(1)
+    rank = jnp.cumsum(present, axis=1) - 1  # each present adapter's place among its tile's
+    place = jnp.where((present == 1) & (rank < slots), rank, slots)
+    adapters = jnp.zeros((tiles, slots), jnp.int32).at[jnp.arange(tiles)[:, None], place].set(
+        jnp.broadcast_to(jnp.arange(num_adapters, dtype=jnp.int32), (tiles, num_adapters)), mode="drop"
+    )
+    slot = jnp.minimum(rank[tile_of_token[:, None], indices], slots)
+    return adapters, slot
+
+
+def slot_coefficients(coef, slot, slots: int):
+    """Each token's coefficient per slot [T, U] from its choices' coefficients and slots [T, K]; a choice in slot U
+    (missed) adds nothing."""
+    return jnp.einsum("TK,TKU->TU", coef, jax.nn.one_hot(slot, slots, dtype=coef.dtype))
+
+
+def fused_linear(x, w, lora_a, lora_b, scaling, indices, weights, *,
+                 blocks: RoutedGemmBlockSizes = RoutedGemmBlockSizes(), interpret: bool | None = None):
+    """x @ w plus the mixture (lora_mixture's formula) [T, O] in bfloat16; every operand bfloat16 but scaling
+    and weights (float32). Tokens are padded to a multiple of blocks.tile_tokens."""
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    t = x.shape[0]
+    n, i, r = lora_a.shape
+    if r > LANE:
+        raise ValueError(f"the fused GEMM takes ranks up to {LANE}; the adapters have rank {r}")
+    if w.shape[0] != i or lora_b.shape[:2] != (n, r) or lora_b.shape[2] != w.shape[1]:
+        raise ValueError(f"shape mismatch: x {x.shape}, w {w.shape}, lora_a {lora_a.shape}, lora_b {lora_b.shape}")
+    padded = -t % blocks.tile_tokens
+    if padded:
+        x = jnp.pad(x, ((0, padded), (0, 0)))
+        indices = jnp.pad(indices, ((0, padded), (0, 0)))
+        weights = jnp.pad(weights, ((0, padded), (0, 0)))
+    slots = slot_count(r)
+    adapters, slot = tile_slots(indices, n, blocks.tile_tokens, slots)
+    per_choice = weights.astype(jnp.float32) * scaling.astype(jnp.float32)[indices]
+    per_slot = slot_coefficients(per_choice, slot, slots)
+    in_slots = slot < slots
+
+    h = tile_shrink(x, lora_a, adapters, per_slot, tile_tokens=blocks.tile_tokens, interpret=interpret)
+    b_tile = lora_b[adapters].reshape(adapters.shape[0], slots * r, -1)
+    b_tile = jnp.pad(b_tile, ((0, 0), (0, LANE - slots * r), (0, 0)))
+    y = routed_gemm(x, w, h, b_tile, blocks=blocks, interpret=interpret)
+
+    missed = jnp.where(in_slots, 0, per_choice)
+    return _add_missed(x, y, lora_a, lora_b, indices, missed, interpret)[:t]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _add_missed(x, y, lora_a, lora_b, indices, missed, interpret):
+    """y plus the choices that missed their tile's slots (`missed`: their coefficients, zero elsewhere)."""
+    i, o = x.shape[1], y.shape[1]
+    blocks = MissedAddBlockSizes(block_in=math.gcd(i, MissedAddBlockSizes.block_in),
+                                 block_out=math.gcd(o, MissedAddBlockSizes.block_out))
+    return missed_add(x, lora_a, lora_b, indices, missed, y, blocks=blocks, interpret=interpret)
+
+
+def _add_missed_forward(x, y, lora_a, lora_b, indices, missed, interpret):
+    return _add_missed(x, y, lora_a, lora_b, indices, missed, interpret), (x, y, lora_a, lora_b, indices, missed)
+
+
+def _add_missed_backward(interpret, residuals, g):
+    x, y, lora_a, lora_b, indices, missed = residuals
+    _, vjp = jax.vjp(lambda x, y, a, b, c: missed_add_reference(x, a, b, indices, c, y), x, y, lora_a, lora_b, missed)
+    dx, dy, da, db, dc = vjp(g)
+    return dx, dy, da, db, None, dc
+
+
+_add_missed.defvjp(_add_missed_forward, _add_missed_backward)

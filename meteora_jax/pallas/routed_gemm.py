@@ -1,0 +1,233 @@
+"""The base linear with the routed adapters' delta in its epilogue: y = x @ W + h @ B_tile, one Mosaic GPU kernel.
+
+Prefill tokens route in runs (a prompt's tokens of one task choose the same adapters), so a tile of neighbouring
+tokens uses only a few adapters. Per tile of `tile_tokens` tokens the caller gathers the B rows of those adapters
+into b_tile [E, O] (E = slots x r) and the tokens' routed intermediates into h [T, E] (x A of each slot's
+adapter times the token's routing coefficient for it, zero where the token did not choose it). The kernel is a
+Hopper GEMM (warp-specialised TMA pipeline and wgmma, after jax's example
+jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py, Apache-2.0) whose accumulator takes one more wgmma,
+h_tile @ b_tile, before it is written: the adapters' delta costs no pass over [T, O], which a LoRA added by XLA
+does (bench/NOTES.md).
+
+Mosaic GPU, not the Triton lowering the other kernels use: Triton's matmul does not reach cuBLAS on Hopper,
+Mosaic GPU's pipelined wgmma does (0.96-0.99x XLA's dot at 4096-16384 tokens, bench/results/base_gemm_forms.json).
+Off GPU the kernel runs in Mosaic GPU's interpret mode (`interpret=True`), which simulates its shared memory,
+barriers and warpgroups on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+# The copy engine moves and wgmma reads 128-byte swizzled rows: 64 bfloat16 values.
+SWIZZLE_BYTES = 128
+LANE = 64
+# Warpgroups: two compute, one issuing the copies.
+COMPUTE_WARPGROUPS = 2
+INTERPRET_PROGRAMS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedGemmBlockSizes:
+    """tile_m x tile_n: one compute warpgroup's output tile; the two warpgroups of a program split its tile
+    along `split` ("m": tokens, "n": outputs). stages: K steps in flight. grid_tile_width: output tiles per band
+    of the programs' snake order over the output. Measured on an H100: bench/NOTES.md."""
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 64
+    stages: int = 3
+    split: str = "m"
+    grid_tile_width: int = 16
+
+    def __post_init__(self):
+        for name in ("tile_m", "tile_n", "tile_k"):
+            value = getattr(self, name)
+            if value < LANE or value % LANE:
+                raise ValueError(f"{name}={value} must be a multiple of {LANE}")
+        if self.split not in ("m", "n"):
+            raise ValueError(f"split={self.split!r} must be 'm' or 'n'")
+        if self.stages < 2 or self.grid_tile_width < 1:
+            raise ValueError(f"stages={self.stages} must be >= 2 and grid_tile_width={self.grid_tile_width} >= 1")
+
+    @property
+    def tile_tokens(self) -> int:
+        """Tokens per program tile: the routing tile (h's rows that share one b_tile)."""
+        return self.tile_m * (COMPUTE_WARPGROUPS if self.split == "m" else 1)
+
+    @property
+    def tile_outputs(self) -> int:
+        return self.tile_n * (COMPUTE_WARPGROUPS if self.split == "n" else 1)
+
+
+def routed_gemm_reference(x, w, h, b_tile):
+    """x @ W + h @ b_tile[tile of each token], float32 accumulation, in x's dtype."""
+    tiles, e, o = b_tile.shape
+    t = x.shape[0]
+    delta = jnp.einsum("GTE,GEO->GTO", h.reshape(tiles, t // tiles, e), b_tile,
+                       preferred_element_type=jnp.float32).reshape(t, o)
+    return (jnp.dot(x, w, preferred_element_type=jnp.float32) + delta).astype(x.dtype)
+
+
+def check_shapes(x, w, h, b_tile, blocks: RoutedGemmBlockSizes) -> None:
+    """Readable errors for operands the kernel cannot tile."""
+    t, i = x.shape
+    if w.shape[0] != i:
+        raise ValueError(f"x {x.shape} and w {w.shape} disagree on the input features")
+    o = w.shape[1]
+    if t % blocks.tile_tokens or o % blocks.tile_outputs or i % blocks.tile_k:
+        raise ValueError(
+            f"x {x.shape} @ w {w.shape} does not tile by {blocks.tile_tokens} tokens x {blocks.tile_outputs} "
+            f"outputs x {blocks.tile_k} inputs"
+        )
+    tiles = t // blocks.tile_tokens
+    if h.shape != (t, LANE) or b_tile.shape != (tiles, LANE, o):
+        raise ValueError(f"h {h.shape} must be [{t}, {LANE}] and b_tile {b_tile.shape} [{tiles}, {LANE}, {o}]")
+    if len({x.dtype, w.dtype, h.dtype, b_tile.dtype}) != 1 or x.dtype != jnp.bfloat16:
+        dtypes = ", ".join(str(v.dtype) for v in (x, w, h, b_tile))
+        raise ValueError(f"x, w, h and b_tile must all be bfloat16; got {dtypes}")
+
+
+def _swizzled(columns: int):
+    swizzle = plgpu.find_swizzle(columns * 16)
+    return plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)
+
+
+def _kernel(x_gmem, w_gmem, h_gmem, bt_gmem, out_gmem, *, blocks: RoutedGemmBlockSizes):
+    t, i = x_gmem.shape
+    o = w_gmem.shape[1]
+    tile_m, tile_n, tile_k = blocks.tile_m, blocks.tile_n, blocks.tile_k
+    cta_m, cta_n = blocks.tile_tokens, blocks.tile_outputs
+    m_iters, n_iters, k_iters = t // cta_m, o // cta_n, i // tile_k
+    transforms = _swizzled(tile_k)
+    lane_transforms = _swizzled(LANE)
+    split_m = blocks.split == "m"
+
+    def pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec((cta_m, tile_k), lambda k: (0, k), transforms=transforms, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((tile_k, cta_n), lambda k: (k, 0), transforms=transforms, memory_space=plgpu.SMEM),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=COMPUTE_WARPGROUPS,
+            max_concurrent_steps=blocks.stages,
+            compute_context=compute_context,
+        )
+
+    ignore = lambda *_, **__: None  # noqa: E731 - the allocations do not depend on the bodies
+
+    @functools.partial(
+        pl.run_scoped,
+        allocations=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+        h_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, tile_m, LANE), h_gmem.dtype, transforms=lane_transforms),
+        bt_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, LANE, tile_n), bt_gmem.dtype, transforms=lane_transforms),
+        barrier=plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WARPGROUPS),  # h and b_tile
+        collective_axes="wg",
+    )
+    def _scope(allocations, h_smem, bt_smem, barrier):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="programs")
+        def _tiles(loop_info):
+            (linear,) = loop_info.index
+            m_idx, n_idx = plgpu.planar_snake(linear, (m_iters, n_iters), 1, blocks.grid_tile_width)
+            rows = pl.ds(m_idx * cta_m + (wg * tile_m if split_m else 0), tile_m)
+            cols = pl.ds(n_idx * cta_n + (0 if split_m else wg * tile_n), tile_n)
+            wg_rows = pl.ds(wg * tile_m, tile_m) if split_m else slice(None)
+            wg_cols = slice(None) if split_m else pl.ds(wg * tile_n, tile_n)
+
+            def compute_context(run_pipeline):
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
+                def _acc(acc_ref):
+                    # The adapters' operands load while the K loop runs, once the previous tile's output stores
+                    # have read h_smem, which doubles as the output's staging buffer (shared memory holds three
+                    # K steps in flight only without a separate one).
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    plgpu.copy_gmem_to_smem(h_gmem.at[rows], h_smem.at[wg], barrier.at[wg])
+                    plgpu.copy_gmem_to_smem(bt_gmem.at[m_idx, :, cols], bt_smem.at[wg], barrier.at[wg])
+                    run_pipeline(acc_ref)
+                    plgpu.barrier_wait(barrier.at[wg])
+                    plgpu.wgmma(acc_ref, h_smem.at[wg], bt_smem.at[wg])
+                    plgpu.wgmma_wait(0)
+                    acc = acc_ref[...].astype(out_gmem.dtype)
+                    for lane in range(tile_n // LANE):
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        h_smem[wg] = acc[:, lane * LANE:(lane + 1) * LANE]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(h_smem.at[wg], out_gmem.at[rows, pl.ds(cols.start + lane * LANE,
+                                                                                       LANE)])
+
+            def mma(_, x_smem, w_smem, acc_ref):
+                plgpu.wgmma(acc_ref, x_smem.at[wg_rows], w_smem.at[:, wg_cols])
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            pipeline(mma, compute_context)(
+                x_gmem.at[pl.ds(m_idx * cta_m, cta_m), :],
+                w_gmem.at[:, pl.ds(n_idx * cta_n, cta_n)],
+                allocations=allocations,
+            )
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _interpret_params():
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None:  # jax 0.10 keeps it private
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params()
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def routed_gemm(x, w, h, b_tile, *, blocks: RoutedGemmBlockSizes = RoutedGemmBlockSizes(), interpret: bool = False):
+    """x @ w + h @ b_tile[tile of each token] in bfloat16 with float32 accumulation, differentiable in all four.
+
+    x [T, I], w [I, O], h [T, 64], b_tile [T // blocks.tile_tokens, 64, O]. T, O and I must tile by
+    blocks.tile_tokens, blocks.tile_outputs and blocks.tile_k."""
+    check_shapes(x, w, h, b_tile, blocks)
+    return _differentiable(x, w, h, b_tile, blocks, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _differentiable(x, w, h, b_tile, blocks, interpret):
+    return _call(x, w, h, b_tile, blocks, interpret)
+
+
+def _forward(x, w, h, b_tile, blocks, interpret):
+    return _call(x, w, h, b_tile, blocks, interpret), (x, w, h, b_tile)
+
+
+def _backward(blocks, interpret, residuals, g):
+    # The backward's products are plain XLA matmuls of the same size as the forward's; XLA drops the ones
+    # nothing uses (w's and b_tile's while only the gates train).
+    _, vjp = jax.vjp(routed_gemm_reference, *residuals)
+    return vjp(g)
+
+
+_differentiable.defvjp(_forward, _backward)
+
+
+def _call(x, w, h, b_tile, blocks, interpret):
+    t, o = x.shape[0], w.shape[1]
+    programs = INTERPRET_PROGRAMS if interpret else jax.devices()[0].core_count
+    return plgpu.kernel(
+        functools.partial(_kernel, blocks=blocks),
+        out_type=jax.ShapeDtypeStruct((t, o), x.dtype),
+        grid=(programs,),
+        grid_names=("programs",),
+        num_threads=COMPUTE_WARPGROUPS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=_interpret_params() if interpret else False,
+    )(x, w, h, b_tile)

@@ -1,0 +1,179 @@
+"""The `fused` strategy's kernels (routed GEMM, tile shrink, missed add) against their plain-JAX references, and the
+whole strategy against `loop`: interpreted on CPU (Mosaic GPU's and Triton's interpret modes), full size on a GPU."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meteora_jax.lora_mixture import gated_output, lora_mixture, mixture_loop
+from meteora_jax.meteora import MeteoraConfig, MeteoraDense
+from meteora_jax.pallas.fused_linear import fused_linear, tile_slots
+from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add, missed_add_reference
+from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes, routed_gemm, routed_gemm_reference
+from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink, tile_shrink_reference
+from meteora_jax.routing import Routing
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+# The smallest tiles the GEMM takes: 64 tokens (split over outputs) x 128 outputs x 64 inputs.
+SMALL_GEMM = RoutedGemmBlockSizes(tile_m=64, tile_n=64, stages=2, split="n", grid_tile_width=2)
+
+
+def rel_error(ours, ref):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def normal(rng, shape, scale=1.0, dtype=jnp.bfloat16):
+    return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
+
+
+def layer_operands(rng, t, i, o, n, r):
+    return (normal(rng, (t, i)), normal(rng, (i, o), i**-0.5), normal(rng, (n, i, r), i**-0.5),
+            normal(rng, (n, r, o), r**-0.5), jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32))
+
+
+def runs_of_adapters(rng, t, n, run):
+    """Top-2 routing in runs of `run` tokens, each run on one random pair, with softmax weights."""
+    pairs = np.stack([rng.choice(n, 2, replace=False) for _ in range(-(-t // run))])
+    indices = jnp.asarray(np.repeat(pairs, run, axis=0)[:t], jnp.int32)
+    return indices, jnp.asarray(rng.dirichlet([1, 1], t), jnp.float32)
+
+
+def reference_layer(x, w, a, b, scaling, indices, weights):
+    f32 = [v.astype(jnp.float32) for v in (x, w, a, b)]
+    return f32[0] @ f32[1] + mixture_loop(*f32[:1], *f32[2:], scaling, indices, weights)
+
+
+@pytest.mark.parametrize("split", ["m", "n"])
+def test_routed_gemm_matches_reference_interpreted(split):
+    blocks = RoutedGemmBlockSizes(tile_m=64, tile_n=64, stages=2, split=split, grid_tile_width=2)
+    rng = np.random.default_rng(0)
+    t, i, o = 2 * blocks.tile_tokens, 192, 2 * blocks.tile_outputs  # more K steps than stages, 2 x 2 tiles
+    x, w, h = normal(rng, (t, i)), normal(rng, (i, o), i**-0.5), normal(rng, (t, 64))
+    b_tile = normal(rng, (2, 64, o), 0.125)
+    ours = routed_gemm(x, w, h, b_tile, blocks=blocks, interpret=INTERPRET)
+    assert ours.dtype == jnp.bfloat16 and ours.shape == (t, o)
+    f32 = [v.astype(jnp.float32) for v in (x, w, h, b_tile)]
+    assert rel_error(ours, routed_gemm_reference(*f32)) < 4e-3  # bfloat16 rounding of the output
+    delta_only = routed_gemm(jnp.zeros_like(x), w, h, b_tile, blocks=blocks, interpret=INTERPRET)
+    assert rel_error(delta_only, routed_gemm_reference(jnp.zeros_like(f32[0]), *f32[1:])) < 4e-3  # each tile's b
+
+
+def test_routed_gemm_rejects_bad_operands():
+    rng = np.random.default_rng(1)
+    x, w, h, b_tile = normal(rng, (64, 64)), normal(rng, (64, 128)), normal(rng, (64, 64)), normal(rng, (1, 64, 128))
+    with pytest.raises(ValueError, match="does not tile by 64 tokens x 128 outputs x 64 inputs"):
+        routed_gemm(x[:48], w, h[:48], b_tile, blocks=SMALL_GEMM, interpret=True)
+    with pytest.raises(ValueError, match=r"h \(64, 32\) must be \[64, 64\]"):
+        routed_gemm(x, w, h[:, :32], b_tile, blocks=SMALL_GEMM, interpret=True)
+    with pytest.raises(ValueError, match="must all be bfloat16"):
+        routed_gemm(x.astype(jnp.float32), w, h, b_tile, blocks=SMALL_GEMM, interpret=True)
+    with pytest.raises(ValueError, match="tile_n=96 must be a multiple of 64"):
+        RoutedGemmBlockSizes(tile_n=96)
+    with pytest.raises(ValueError, match="split='k'"):
+        RoutedGemmBlockSizes(split="k")
+
+
+@pytest.mark.parametrize("rank, in_features, splits", [(8, 96, 4), (12, 64, 1), (64, 40, 2)])
+def test_tile_shrink_matches_reference_interpreted(rank, in_features, splits):
+    rng = np.random.default_rng(rank)
+    t, n, tile = 128, 10, 64
+    slots = max(1, 64 // rank)
+    x, a = normal(rng, (t, in_features)), normal(rng, (n, in_features, rank))
+    adapters = jnp.asarray(rng.integers(0, n, (t // tile, slots)), jnp.int32)
+    coef = jnp.asarray(rng.standard_normal((t, slots)), jnp.float32)
+    blocks = TileShrinkBlockSizes(block_tokens=32, block_in=32, splits=splits)
+    ours = tile_shrink(x, a, adapters, coef, tile_tokens=tile, blocks=blocks, interpret=INTERPRET)
+    ref = tile_shrink_reference(x, a, adapters, coef)
+    assert ours.shape == (t, 64) and rel_error(ours, ref) < 1e-2
+    np.testing.assert_array_equal(np.asarray(ours[:, slots * rank:], np.float32), 0)
+
+
+def test_tile_slots_keep_first_adapters_and_mark_misses():
+    indices = jnp.asarray([[3, 1], [1, 0], [5, 2], [7, 4], [6, 6], [1, 2], [0, 2], [2, 0]], jnp.int32)
+    adapters, slot = tile_slots(indices, num_adapters=8, tile_tokens=4, slots=3)
+    np.testing.assert_array_equal(adapters, [[0, 1, 2], [0, 1, 2]])  # tile 0 chose 0,1,2,3,4,5,7; tile 1 0,1,2,6
+    np.testing.assert_array_equal(slot, [[3, 1], [1, 0], [3, 2], [3, 3], [3, 3], [1, 2], [0, 2], [2, 0]])
+
+
+def test_missed_add_matches_reference_interpreted():
+    rng = np.random.default_rng(2)
+    t, i, o, n, r = 32, 64, 128, 6, 8
+    x, a, b = normal(rng, (t, i), dtype=jnp.float32), normal(rng, (n, i, r), dtype=jnp.float32), normal(
+        rng, (n, r, o), dtype=jnp.float32)
+    indices = jnp.asarray(rng.integers(0, n, (t, 2)), jnp.int32)
+    coef = jnp.asarray(rng.standard_normal((t, 2)) * (rng.random((t, 2)) < 0.3), jnp.float32).at[:8].set(0)
+    y = normal(rng, (t, o), dtype=jnp.float32)
+    blocks = MissedAddBlockSizes(block_tokens=8, block_in=32, block_out=64)
+    ours = missed_add(x, a, b, indices, coef, y, blocks=blocks, interpret=INTERPRET)
+    assert rel_error(ours - y, missed_add_reference(x, a, b, indices, coef, y) - y) < 1e-5
+    np.testing.assert_array_equal(ours[:8], y[:8])  # a block with no misses is left as it was
+    with pytest.raises(ValueError, match="does not tile by 8 tokens, 32 inputs and 64 outputs"):
+        missed_add(x[:30], a, b, indices[:30], coef[:30], y[:30], blocks=blocks, interpret=True)
+
+
+@pytest.mark.parametrize("case", ["runs", "runs past the slots"])
+def test_fused_linear_matches_loop_with_gradients(case):
+    rng = np.random.default_rng(3)
+    t, i, o, n, r = 100, 128, 128, 12, 16  # 100 tokens: padded to 128; r = 16: 4 slots per tile
+    x, w, a, b, scaling = layer_operands(rng, t, i, o, n, r)
+    indices, weights = runs_of_adapters(rng, t, n, run=32)
+    if case == "runs past the slots":  # tile 1 chooses from 8 adapters or more: its extras take missed_add
+        indices = indices.at[64:, 1].set(jnp.asarray(rng.integers(0, n, t - 64), jnp.int32))
+    adapters, slot = tile_slots(jnp.pad(indices, ((0, 28), (0, 0))), n, SMALL_GEMM.tile_tokens, 4)
+    assert bool(jnp.any(slot >= 4)) == (case == "runs past the slots")
+
+    def fused(x, weights):
+        return fused_linear(x, w, a, b, scaling, indices, weights, blocks=SMALL_GEMM, interpret=INTERPRET)
+
+    ours = fused(x, weights)
+    assert ours.shape == (t, o) and ours.dtype == jnp.bfloat16
+    assert rel_error(ours, reference_layer(x, w, a, b, scaling, indices, weights)) < 1e-2
+    cotangent = jnp.asarray(rng.standard_normal((t, o)), jnp.float32)
+    grads = jax.grad(lambda x, wt: jnp.sum(fused(x, wt).astype(jnp.float32) * cotangent), argnums=(0, 1))(x, weights)
+    refs = jax.grad(lambda x, wt: jnp.sum(reference_layer(x, w, a, b, scaling, indices, wt) * cotangent),
+                    argnums=(0, 1))(x, weights)
+    for name, g, ref in zip(("x", "weights"), grads, refs):
+        assert rel_error(g, ref) < 2e-2, name
+
+
+def test_fused_rejects_what_it_cannot_run():
+    rng = np.random.default_rng(4)
+    x, w, a, b, scaling = layer_operands(rng, 8, 64, 128, 3, 128)
+    indices, weights = runs_of_adapters(rng, 8, 3, run=8)
+    with pytest.raises(ValueError, match="ranks up to 64; the adapters have rank 128"):
+        fused_linear(x, w, a, b, scaling, indices, weights, interpret=True)
+    with pytest.raises(ValueError, match="needs the base weight"):
+        gated_output(x, x @ w, jnp.zeros((64, 3)), a, b, scaling, 2, 1.0, "fused")
+    with pytest.raises(ValueError, match="use gated_output or MeteoraDense"):
+        lora_mixture(x, a, b, scaling, indices, weights, "fused")
+
+
+def test_meteora_dense_fused_matches_loop_gated_and_forced():
+    rng = np.random.default_rng(5)
+    config = MeteoraConfig(num_adapters=6, rank=8, targets=("q_proj",), strategy="loop")
+    layer = MeteoraDense(128, config, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    x = normal(rng, (2, 40, 64))  # 80 tokens: one padded tile of the default 256
+    params = flax.core.unfreeze(layer.init(jax.random.key(0), x))
+    bank = params["params"]["meteora"]
+    bank["lora_b"] = jnp.asarray(rng.standard_normal(bank["lora_b"].shape), jnp.float32)
+    assignment = jnp.asarray(rng.integers(-1, 6, (2, 40)))
+    for routing in ({}, {"force_adapter": 4}, {"assignment": assignment}):
+        ours = layer.apply(params, x, routing=Routing(strategy="fused", **routing))
+        ref = layer.apply(params, x, routing=Routing(strategy="loop", **routing))
+        assert rel_error(ours, ref) < 1e-2, routing
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="full-size kernel tests need a GPU")
+@pytest.mark.parametrize("tokens, out_features, random_routing", [(4096, 4096, False), (1000, 1024, True)])
+def test_fused_full_size_on_gpu(tokens, out_features, random_routing):
+    rng = np.random.default_rng(tokens)
+    n, r = 64, 8
+    x, w, a, b, scaling = layer_operands(rng, tokens, 4096, out_features, n, r)
+    indices, weights = runs_of_adapters(rng, tokens, n, run=1 if random_routing else 256)
+    ours = fused_linear(x, w, a, b, scaling, indices, weights)
+    assert rel_error(ours, reference_layer(x, w, a, b, scaling, indices, weights)) < 1e-2
