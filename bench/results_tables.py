@@ -10,7 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas", "dense_fused")
+STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas", "fused", "dense_fused")
 
 
 def load(name: str) -> dict:
