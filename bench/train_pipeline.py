@@ -86,6 +86,7 @@ def main(argv=None) -> int:
         "settings": vars(args) | {"out": str(args.out)}, "stage_wall_s": stages, "adapters": adapters,
         "gates": gates, "gate_validation_mean": validation["mean_gate_accuracy"],
         "gate_validation_bfloat16": validation["bfloat16_gates"],
+        "gate_validation_fused_strategy": validation["fused_strategy"],
     }
     out = args.out or default_result_path("train_pipeline.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -125,13 +125,17 @@ def layer_gate_accuracy(module, params, batch):
     return gate_loss(gate_logits_by_layer(state["intermediates"]), batch["task_ids"])[1]
 
 
+# Tokens per tile of the `fused` strategy's GEMM (RoutedGemmBlockSizes().tile_tokens).
+FUSED_TILE_TOKENS = 256
+
+
 @functools.partial(jax.jit, static_argnames=("module",))
 def compare_routing(module, params, other_params, batch) -> dict[str, jax.Array]:
     """How `other_params` (e.g. the gates held in bfloat16) route one batch against `params`, per layer in sorted
     layer-name order: "gate_accuracy" and "other_gate_accuracy", each tree's gate top-1 accuracy [num_layers],
-    and "routing_agreement", the share of real tokens choosing the same set of adapters under both trees
-    [num_layers]. Each layer sees its own tree's inputs, so a change of route early on shows in the layers after
-    it."""
+    "routing_agreement", the share of real tokens choosing the same set of adapters under both trees
+    [num_layers], and "fused_missed_share" of `params`' routing (see `fused_missed_share`) [num_layers]. Each
+    layer sees its own tree's inputs, so a change of route early on shows in the layers after it."""
 
     def forward(p):
         _, state = module.apply({"params": p}, batch["tokens"], segment_ids=batch["segment_ids"],
@@ -147,8 +151,25 @@ def compare_routing(module, params, other_params, batch) -> dict[str, jax.Array]
     real = batch["segment_ids"] > 0
     count = jnp.maximum(jnp.sum(real), 1)
     agreement = jnp.stack([jnp.sum(jnp.all(ours[n] == theirs[n], axis=-1) & real) / count for n in sorted(ours)])
+    num_adapters = next(iter(our_logits.values())).shape[-1]
+    rank = next(v.shape[-1] for k, v in traverse_util.flatten_dict(params).items() if k[-1] == "lora_a")
     return {"gate_accuracy": gate_loss(our_logits, batch["task_ids"])[1],
-            "other_gate_accuracy": gate_loss(their_logits, batch["task_ids"])[1], "routing_agreement": agreement}
+            "other_gate_accuracy": gate_loss(their_logits, batch["task_ids"])[1], "routing_agreement": agreement,
+            "fused_missed_share": jnp.stack([fused_missed_share(ours[n], num_adapters, rank) for n in sorted(ours)])}
+
+
+def fused_missed_share(indices, num_adapters: int, rank: int, tile_tokens: int = FUSED_TILE_TOKENS) -> jax.Array:
+    """The share of (token, choice) pairs [..., K] that would miss their tile's adapter slots in the `fused`
+    strategy (meteora_jax/pallas/fused_linear.py), for the tokens as one layer call sees them (flattened,
+    padding included, padded to whole tiles): the pairs it adds per token, outside its GEMM."""
+    from meteora_jax.pallas.fused_linear import slot_count, tile_slots  # Pallas imports stay off the default path
+
+    flat = indices.reshape(-1, indices.shape[-1])
+    pairs = flat.size
+    flat = jnp.pad(flat, ((0, -flat.shape[0] % tile_tokens), (0, 0)))
+    slots = slot_count(rank)
+    _, slot = tile_slots(flat, num_adapters, tile_tokens, slots)
+    return jnp.sum(slot >= slots) / pairs
 
 
 def peak_memory_bytes() -> int | None:

@@ -177,3 +177,13 @@ def test_fused_full_size_on_gpu(tokens, out_features, random_routing):
     indices, weights = runs_of_adapters(rng, tokens, n, run=1 if random_routing else 256)
     ours = fused_linear(x, w, a, b, scaling, indices, weights)
     assert rel_error(ours, reference_layer(x, w, a, b, scaling, indices, weights)) < 1e-2
+
+
+def test_fused_missed_share_counts_the_choices_past_the_slots():
+    from meteora_jax.training import fused_missed_share
+
+    # Two tiles of 4 tokens, rank 21: 3 slots; tile 0 chose 0,1,2,3,4,5,7 (6 choices past 0,1,2), tile 1 0,1,2,6.
+    indices = jnp.asarray([[3, 1], [1, 0], [5, 2], [7, 4], [6, 6], [1, 2], [0, 2], [2, 0]], jnp.int32)
+    share = fused_missed_share(indices.reshape(2, 4, 2), num_adapters=8, rank=21, tile_tokens=4)
+    assert float(share) == pytest.approx(6 / 16)
+    assert float(fused_missed_share(indices[:2].reshape(1, 2, 2), 8, 21, tile_tokens=4)) == 0  # padded tile

@@ -75,6 +75,9 @@ def test_gates_learn_the_tasks_and_nothing_else_moves(toy):
     bf16 = validation["bfloat16_gates"]
     assert bf16["mean_gate_accuracy"] > 0.9 and bf16["mean_routing_agreement"] > 0.9
     assert set(bf16["layers_routing_agreement"]) == set(validation["layers"])
+    fused = validation["fused_strategy"]
+    assert 0 <= fused["mean_missed_share"] <= fused["max_layer_missed_share"] <= 1
+    assert set(fused["layers_missed_share"]) == set(validation["layers"])
     before, _ = read_meteora(root / "meteora")
     after, manifest = read_meteora(out / "meteora")
     assert manifest["trained"]["steps"] == 80

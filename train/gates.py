@@ -36,6 +36,7 @@ from meteora_jax.lora_mixture import STRATEGIES
 from meteora_jax.meteora_checkpoint import cast_gates, load_meteora, read_meteora, save_meteora, split_banks
 from meteora_jax.trainable import GATES, GATES_AND_ADAPTERS, merge_params, split_trainable
 from meteora_jax.training import (
+    FUSED_TILE_TOKENS,
     TrainConfig,
     committed,
     compare_routing,
@@ -231,13 +232,17 @@ def train(args, out: Path) -> int:
 def held_out_validation(module, params, arrays, layer_names) -> dict:
     """Held-out gate accuracy per layer, and how the trained gates route when held in bfloat16 for inference
     (meteora_checkpoint.cast_gates): their accuracy, and the share of tokens per layer whose chosen adapters stay
-    the same. One pass of each tree."""
+    the same; and the share of choices that would miss the `fused` strategy's tile slots (its slow path). One
+    pass of each tree."""
     found = jax.tree.map(np.asarray, compare_routing(module, params, cast_gates(params, "bfloat16"), arrays))
-    accuracy, agreement = found["gate_accuracy"], found["routing_agreement"]
+    accuracy, agreement, missed = found["gate_accuracy"], found["routing_agreement"], found["fused_missed_share"]
     return {"mean_gate_accuracy": float(accuracy.mean()), "layers": dict(zip(layer_names, map(float, accuracy))),
             "bfloat16_gates": {"mean_gate_accuracy": float(found["other_gate_accuracy"].mean()),
                                "mean_routing_agreement": float(agreement.mean()),
-                               "layers_routing_agreement": dict(zip(layer_names, map(float, agreement)))}}
+                               "layers_routing_agreement": dict(zip(layer_names, map(float, agreement)))},
+            "fused_strategy": {"tile_tokens": FUSED_TILE_TOKENS, "mean_missed_share": float(missed.mean()),
+                               "max_layer_missed_share": float(missed.max()),
+                               "layers_missed_share": dict(zip(layer_names, map(float, missed)))}}
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:

@@ -1,9 +1,9 @@
 """The `fused` strategy's remainder: y += the choices that missed their tile's adapter slots, in place.
 
 A token tile spanning more adapters than the routed GEMM's slots leaves some (token, choice) pairs out. This
-kernel adds them per token (BGMV style): one program per (token block, output tile), which returns at once when
-its block has none, so the common case costs one launch and no branch in XLA (an XLA conditional would wait on
-the host for its predicate in every layer).
+kernel adds them per token (BGMV style): one program per block of tokens (by default one token), which returns
+at once when its block has none, so the common case costs one launch and no branch in XLA (an XLA conditional
+would wait on the host for its predicate in every layer).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from meteora_jax.pallas.block_sizes import check_powers_of_two
 
 @dataclasses.dataclass(frozen=True)
 class MissedAddBlockSizes:
-    # A program walks its tokens one after another: few tokens per program spread a tile's misses over the GPU.
-    block_tokens: int = 8
+    # A program walks its tokens one after another, each over all its outputs: one token per program spreads a
+    # tile's misses (or, under a random gate, every token) over the whole GPU.
+    block_tokens: int = 1
     block_in: int = 1024
-    block_out: int = 1024
+    block_out: int = 256
     num_warps: int = 4
 
     def check(self) -> None:
@@ -40,11 +41,10 @@ def missed_add_reference(x, lora_a, lora_b, indices, coef, y):
     return (y.astype(jnp.float32) + delta).astype(y.dtype)
 
 
-def _kernel(any_ref, idx_ref, coef_ref, x_ref, a_ref, b_ref, y_ref, out_ref, *, top_k, in_features, rank,
-            rank_block, blocks: MissedAddBlockSizes):
+def _kernel(any_ref, idx_ref, coef_ref, x_ref, a_ref, b_ref, y_ref, out_ref, *, top_k, in_features,
+            out_features, rank, rank_block, blocks: MissedAddBlockSizes):
     del y_ref  # aliased to out_ref
     block = pl.program_id(0)
-    first_col = pl.program_id(1) * blocks.block_out
     ranks = jnp.arange(rank_block)
 
     def one_choice(t, j):
@@ -57,12 +57,19 @@ def _kernel(any_ref, idx_ref, coef_ref, x_ref, a_ref, b_ref, y_ref, out_ref, *, 
                          mask=ranks[None, :] < rank, other=0)
             return h + jnp.sum(x.astype(jnp.float32)[:, None] * a.astype(jnp.float32), axis=0)
 
-        h = jax.lax.fori_loop(0, in_features // blocks.block_in, shrink, jnp.zeros((rank_block,), jnp.float32))
-        b = plt.load(b_ref.at[adapter, pl.ds(0, rank_block), pl.ds(first_col, blocks.block_out)],
-                     mask=ranks[:, None] < rank, other=0)
-        delta = coef_ref[t, j] * jnp.sum(h[:, None] * b.astype(jnp.float32), axis=0)
-        row = out_ref.at[t, pl.ds(first_col, blocks.block_out)]
-        row[...] = (row[...].astype(jnp.float32) + delta).astype(out_ref.dtype)
+        h = coef_ref[t, j] * jax.lax.fori_loop(0, in_features // blocks.block_in, shrink,
+                                               jnp.zeros((rank_block,), jnp.float32))
+
+        def expand(step, carry):
+            start = step * blocks.block_out
+            b = plt.load(b_ref.at[adapter, pl.ds(0, rank_block), pl.ds(start, blocks.block_out)],
+                         mask=ranks[:, None] < rank, other=0)
+            row = out_ref.at[t, pl.ds(start, blocks.block_out)]
+            row[...] = (row[...].astype(jnp.float32) + jnp.sum(h[:, None] * b.astype(jnp.float32), axis=0)).astype(
+                out_ref.dtype)
+            return carry
+
+        jax.lax.fori_loop(0, out_features // blocks.block_out, expand, 0)
 
     def one_token(offset, carry):
         t = block * blocks.block_tokens + offset
@@ -91,12 +98,12 @@ def missed_add(x, lora_a, lora_b, indices, coef, y, *, blocks: MissedAddBlockSiz
                          f"{blocks.block_in} inputs and {blocks.block_out} outputs")
     coef = coef.astype(jnp.float32)
     any_missed = jnp.any(coef.reshape(t // blocks.block_tokens, -1) != 0, axis=1).astype(jnp.int32)
-    kernel = functools.partial(_kernel, top_k=indices.shape[1], in_features=i, rank=r,
+    kernel = functools.partial(_kernel, top_k=indices.shape[1], in_features=i, out_features=o, rank=r,
                                rank_block=max(pl.next_power_of_2(r), 16), blocks=blocks)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
-        grid=(t // blocks.block_tokens, pl.cdiv(o, blocks.block_out)),
+        grid=(t // blocks.block_tokens,),
         input_output_aliases={6: 0},
         compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=2),
         interpret=interpret,
