@@ -8,6 +8,11 @@ import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Mosaic GPU's interpret mode (the fused strategy's GEMM) runs each simulated warpgroup as a CPU computation that
+# waits on the others at barriers, and its callbacks dispatch JAX ops; under async dispatch those computations
+# share the CPU client's small pool on a 2-core machine, and one CI run deadlocked there. Inline execution gives
+# each its own thread.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 @pytest.fixture
