@@ -1,8 +1,8 @@
 """The `fused` strategy: the base linear and the routed mixture in one GEMM (`routed_gemm`), for prefill.
 
-Per tile of neighbouring tokens the routing keeps its first U distinct adapters as slots (U x r = 64 columns:
-8 adapters at r = 8). h [T, U r] holds each token's x A for each slot's adapter times its routing coefficient
-(zero for slots it did not choose), b_tile [tiles, U r, O] the slots' B rows; the GEMM adds h @ b_tile in its
+Per tile of neighbouring tokens the routing keeps its first U = 64 // r distinct adapters as slots (8 at r = 8).
+h [T, 64] holds each token's x A for each slot's adapter times its routing coefficient (zero for slots it did not
+choose; columns past U r zero), b_tile [tiles, 64, O] the slots' B rows; the GEMM adds h @ b_tile in its
 epilogue. A token choice whose adapter missed its tile's slots (a tile spanning more than U adapters) is added
 afterwards, per token, by meteora_jax/pallas/missed_add.py, whose programs return at once where none missed.
 """

@@ -2,15 +2,15 @@
 
 Prefill tokens route in runs (a prompt's tokens of one task choose the same adapters), so a tile of neighbouring
 tokens uses only a few adapters. Per tile of `tile_tokens` tokens the caller gathers the B rows of those adapters
-into b_tile [E, O] (E = slots x r) and the tokens' routed intermediates into h [T, E] (x A of each slot's
-adapter times the token's routing coefficient for it, zero where the token did not choose it). The kernel is a
-Hopper GEMM (warp-specialised TMA pipeline and wgmma, after jax's example
+into b_tile [64, O] (slots x r rows, zero-padded) and the tokens' routed intermediates into h [T, 64] (x A of each
+slot's adapter times the token's routing coefficient for it, zero where the token did not choose it). The kernel
+is a Hopper GEMM (warp-specialised TMA pipeline and wgmma, after jax's example
 jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py, Apache-2.0) whose accumulator takes one more wgmma,
 h_tile @ b_tile, before it is written: the adapters' delta costs no pass over [T, O], which a LoRA added by XLA
 does (bench/NOTES.md).
 
-Mosaic GPU, not the Triton lowering the other kernels use: Triton's matmul does not reach cuBLAS on Hopper,
-Mosaic GPU's pipelined wgmma does (0.96-0.99x XLA's dot at 4096-16384 tokens, bench/results/base_gemm_forms.json).
+Mosaic GPU, not the Triton lowering the other kernels use: its pipelined wgmma GEMM measured 1.01-1.04x XLA's
+cuBLAS dot at 4096-16384 tokens (bench/results/base_gemm_forms.json); a Triton-lowered GEMM was not tried.
 Off GPU the kernel runs in Mosaic GPU's interpret mode (`interpret=True`), which simulates its shared memory,
 barriers and warpgroups on the CPU.
 """
@@ -32,6 +32,8 @@ LANE = 64
 # Warpgroups: two compute, one issuing the copies.
 COMPUTE_WARPGROUPS = 2
 INTERPRET_PROGRAMS = 2
+# planar_snake's minor dimension: bands of output tiles (the example's best order at 16384 tokens).
+SNAKE_ALONG_OUTPUTS = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +143,7 @@ def _kernel(x_gmem, w_gmem, h_gmem, bt_gmem, out_gmem, *, blocks: RoutedGemmBloc
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="programs")
         def _tiles(loop_info):
             (linear,) = loop_info.index
-            m_idx, n_idx = plgpu.planar_snake(linear, (m_iters, n_iters), 1, blocks.grid_tile_width)
+            m_idx, n_idx = plgpu.planar_snake(linear, (m_iters, n_iters), SNAKE_ALONG_OUTPUTS, blocks.grid_tile_width)
             rows = pl.ds(m_idx * cta_m + (wg * tile_m if split_m else 0), tile_m)
             cols = pl.ds(n_idx * cta_n + (0 if split_m else wg * tile_n), tile_n)
             wg_rows = pl.ds(wg * tile_m, tile_m) if split_m else slice(None)
