@@ -49,6 +49,20 @@ def timed(fn, args) -> float:
     return kernel_ms_per_call(compiled, args, CALLS)
 
 
+def measured(row: dict, measure) -> dict:
+    """row plus what measure() returns, or the error of a configuration the kernel rejects (recorded, not fatal)."""
+    try:
+        row.update(measure())
+    except Exception as error:  # noqa: BLE001
+        row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+    return row
+
+
+def fastest(rows: list[dict]) -> dict | None:
+    timed_rows = [r for r in rows if r.get("kernel_ms")]
+    return min(timed_rows, key=lambda r: r["kernel_ms"]) if timed_rows else None
+
+
 def main() -> None:
     from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
 
@@ -66,19 +80,17 @@ def main() -> None:
         xla_c_ms = timed(lambda x, w, c: x @ w + c, (x, w, c))
         rows.append({"m": m, "k": k, "n": n, "form": "xla", "kernel_ms": xla_ms})
         rows.append({"m": m, "k": k, "n": n, "form": "xla_plus_c", "kernel_ms": xla_c_ms})
-        best = None
-        for config in hopper_configs():
-            row = {"m": m, "k": k, "n": n, "form": "mgpu", "config": repr(config)}
-            try:
-                got = hm.matmul(x, w, None, config)
-                row["max_rel_err"] = float(jnp.max(jnp.abs(got - reference)) / jnp.max(jnp.abs(reference)))
-                row["kernel_ms"] = timed(lambda x, w, config=config: hm.matmul(x, w, None, config), (x, w))
-                row["kernel_ms_with_c"] = timed(lambda x, w, c, config=config: hm.matmul(x, w, c, config), (x, w, c))
-            except Exception as error:  # noqa: BLE001 - a config the kernel rejects is recorded, not fatal
-                row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
-            rows.append(row)
-            if row.get("kernel_ms") and (best is None or row["kernel_ms"] < best["kernel_ms"]):
-                best = row
+
+        def measure(config):
+            got = hm.matmul(x, w, None, config)
+            return {"max_rel_err": float(jnp.max(jnp.abs(got - reference)) / jnp.max(jnp.abs(reference))),
+                    "kernel_ms": timed(lambda x, w: hm.matmul(x, w, None, config), (x, w)),
+                    "kernel_ms_with_c": timed(lambda x, w, c: hm.matmul(x, w, c, config), (x, w, c))}
+
+        sweep = [measured({"m": m, "k": k, "n": n, "form": "mgpu", "config": repr(config)},
+                          lambda config=config: measure(config)) for config in hopper_configs()]
+        rows += sweep
+        best = fastest(sweep)
         mgpu = "none ran"
         if best:
             mgpu = f"{best['kernel_ms']:.3f} ms (+c {best['kernel_ms_with_c']:.3f}) {best['config']}"

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from base_gemm_forms import timed  # noqa: E402
+from base_gemm_forms import fastest, measured, timed  # noqa: E402
 from meteora_layer import environment  # noqa: E402
 from result_path import default_result_path  # noqa: E402
 
@@ -47,22 +47,19 @@ def main() -> None:
         h = jax.random.normal(keys[2], (t, EXTENSION), jnp.bfloat16)
         xla_ms = timed(lambda x, w: x @ w, (x, w))
         rows.append({"t": t, "i": i, "o": o, "form": "xla_dot", "kernel_ms": xla_ms})
-        best = None
-        for blocks in block_grid():
-            row = {"t": t, "i": i, "o": o, "form": "routed_gemm", "blocks": repr(blocks)}
+
+        def measure(blocks):
             tiles = t // blocks.tile_tokens
             b_tile = (jax.random.normal(keys[3], (tiles, EXTENSION, o)) / 8).astype(jnp.bfloat16)
-            try:
-                got = routed_gemm(x, w, h, b_tile, blocks=blocks).astype(jnp.float32)
-                ref = routed_gemm_reference(x, w, h, b_tile).astype(jnp.float32)
-                row["rel_err"] = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
-                row["kernel_ms"] = timed(lambda x, w, h, b, blocks=blocks: routed_gemm(x, w, h, b, blocks=blocks),
-                                         (x, w, h, b_tile))
-            except Exception as error:  # noqa: BLE001 - a block size the kernel rejects is recorded, not fatal
-                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-            rows.append(row)
-            if row.get("kernel_ms") and (best is None or row["kernel_ms"] < best["kernel_ms"]):
-                best = row
+            got = routed_gemm(x, w, h, b_tile, blocks=blocks).astype(jnp.float32)
+            ref = routed_gemm_reference(x, w, h, b_tile).astype(jnp.float32)
+            return {"rel_err": float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)),
+                    "kernel_ms": timed(lambda x, w, h, b: routed_gemm(x, w, h, b, blocks=blocks), (x, w, h, b_tile))}
+
+        sweep = [measured({"t": t, "i": i, "o": o, "form": "routed_gemm", "blocks": repr(blocks)},
+                          lambda blocks=blocks: measure(blocks)) for blocks in block_grid()]
+        rows += sweep
+        best = fastest(sweep)
         summary = f"best {best['kernel_ms']:.3f} ms err {best['rel_err']:.1e} {best['blocks']}" if best else "none ran"
         print(f"{t}x{i}->{o}: xla dot {xla_ms:.3f} ms; routed_gemm {summary}")
         out.parent.mkdir(parents=True, exist_ok=True)

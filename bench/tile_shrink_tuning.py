@@ -19,6 +19,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from base_gemm_forms import fastest, measured  # noqa: E402
 from meteora_layer import TOP_K, Case, environment, kernel_ms_per_call, make_params, route, segment_inputs  # noqa: E402
 from result_path import default_result_path  # noqa: E402
 
@@ -53,19 +54,17 @@ def main() -> None:
         xla_ms = kernel_ms_per_call(jax.jit(tile_shrink_reference).lower(*args).compile(), args, 1)
         rows.append({"case": case.shape, "adapters": case.adapters, "tokens": case.tokens, "form": "xla",
                      "kernel_ms": xla_ms})
-        best = None
-        for blocks in block_grid():
-            row = {"adapters": case.adapters, "tokens": case.tokens, "form": "tile_shrink", "blocks": repr(blocks)}
-            try:
-                fn = jax.jit(lambda *a, blocks=blocks: tile_shrink(*a, tile_tokens=TILE_TOKENS, blocks=blocks))
-                got = fn(*args).astype(jnp.float32)
-                row["rel_err"] = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
-                row["kernel_ms"] = kernel_ms_per_call(fn.lower(*args).compile(), args, 1)
-            except Exception as error:  # noqa: BLE001 - a block size the kernel rejects is recorded, not fatal
-                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-            rows.append(row)
-            if row.get("kernel_ms") and (best is None or row["kernel_ms"] < best["kernel_ms"]):
-                best = row
+
+        def measure(blocks):
+            fn = jax.jit(lambda *a: tile_shrink(*a, tile_tokens=TILE_TOKENS, blocks=blocks))
+            got = fn(*args).astype(jnp.float32)
+            return {"rel_err": float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)),
+                    "kernel_ms": kernel_ms_per_call(fn.lower(*args).compile(), args, 1)}
+
+        sweep = [measured({"adapters": case.adapters, "tokens": case.tokens, "form": "tile_shrink",
+                           "blocks": repr(blocks)}, lambda blocks=blocks: measure(blocks)) for blocks in block_grid()]
+        rows += sweep
+        best = fastest(sweep)
         summary = f"best {best['kernel_ms'] * 1e3:.1f} us err {best['rel_err']:.1e} {best['blocks']}" if best else ""
         print(f"N={case.adapters} T={case.tokens}: xla {xla_ms * 1e3:.1f} us; tile_shrink {summary}")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -180,7 +180,9 @@ def test_fused_full_size_on_gpu(tokens, out_features, random_routing):
 
 
 def test_fused_missed_share_counts_the_choices_past_the_slots():
-    from meteora_jax.training import fused_missed_share
+    from meteora_jax.training import FUSED_TILE_TOKENS, fused_missed_share
+
+    assert FUSED_TILE_TOKENS == RoutedGemmBlockSizes().tile_tokens  # train.gates reports the GEMM's own tiles
 
     # Two tiles of 4 tokens, rank 21: 3 slots; tile 0 chose 0,1,2,3,4,5,7 (6 choices past 0,1,2), tile 1 0,1,2,6.
     indices = jnp.asarray([[3, 1], [1, 0], [5, 2], [7, 4], [6, 6], [1, 2], [0, 2], [2, 0]], jnp.int32)

@@ -17,6 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from meteora_jax.pallas.block_sizes import check_powers_of_two
+from meteora_jax.pallas.lora_gather import lora_gather_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +37,7 @@ class MissedAddBlockSizes:
 
 def missed_add_reference(x, lora_a, lora_b, indices, coef, y):
     """y + sum_j coef[t, j] (x[t] A[idx[t, j]]) B[idx[t, j]] in float32, cast to y's dtype."""
-    h = jnp.einsum("TI,TKIR->TKR", x.astype(jnp.float32), lora_a[indices].astype(jnp.float32)) * coef[..., None]
-    delta = jnp.einsum("TKR,TKRO->TO", h, lora_b[indices].astype(jnp.float32))
-    return (y.astype(jnp.float32) + delta).astype(y.dtype)
+    return (y.astype(jnp.float32) + lora_gather_reference(x, lora_a, lora_b, indices, coef)).astype(y.dtype)
 
 
 def _kernel(any_ref, idx_ref, coef_ref, x_ref, a_ref, b_ref, y_ref, out_ref, *, top_k, in_features,

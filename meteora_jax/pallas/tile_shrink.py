@@ -17,8 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from meteora_jax.pallas.block_sizes import check_powers_of_two
-
-COLUMNS = 64
+from meteora_jax.pallas.routed_gemm import LANE as COLUMNS  # h's width: the routed GEMM's extra step
 
 
 @dataclasses.dataclass(frozen=True)
