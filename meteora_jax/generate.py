@@ -59,10 +59,12 @@ def generate(
     """Generates up to `max_new_tokens` for each token-id prompt; prompts may differ in length.
 
     routing: MeteoRA call-time settings (top-k, temperature, forced adapter); per-token
-    `assignment` is not available here since generated tokens have no assignment yet.
+    `assignment` is not available here since generated tokens have no assignment yet. Generation is never
+    differentiated, so its calls run with `inference` set (see Routing).
     """
     if routing is not None and routing.assignment is not None:
         raise ValueError("generate() takes no per-token routing assignment; use force_adapter")
+    routing = dataclasses.replace(routing or Routing(), inference=True)
     config = module.config
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")

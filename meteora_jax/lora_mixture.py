@@ -37,6 +37,12 @@ PALLAS_PREFILL_MIN_TOKENS = 8192
 # `auto` never takes the grouped (SGMV) kernels: they beat bmm only where a random gate spreads every token
 # over all adapters (N = 1024, 16384 tokens: 1.90 against 2.10 ms), and lost to it where tokens route in runs,
 # as prompts do (1.82 against 1.59 ms; bench/NOTES.md).
+# From this many bfloat16 tokens `auto` takes `fused` on a GPU in calls that are not differentiated (its
+# gradients take the kernels' plain references: 3x slower LoRA training steps, measured) where its routed GEMM's
+# default tiles fit (inputs a multiple of FUSED_INPUT_MULTIPLE, outputs of FUSED_OUTPUT_MULTIPLE, rank up
+# to FUSED_MAX_RANK; meteora_jax/pallas/routed_gemm.py): FUSED_TILE_TOKENS tokens per tile share its adapter slots.
+FUSED_MIN_TOKENS = 4096
+FUSED_INPUT_MULTIPLE, FUSED_OUTPUT_MULTIPLE, FUSED_MAX_RANK, FUSED_TILE_TOKENS = 64, 128, 64, 256
 # The gate matmul pads fewer tokens to this many rows (see compute_gate_logits).
 GATE_MIN_ROWS = 8
 
@@ -294,22 +300,35 @@ def _fits_decode_kernels(tokens: int, num_adapters: int, rank: int) -> bool:
     return 0 < tokens <= PALLAS_DECODE_MAX_TOKENS and fits
 
 
-def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None, dtype=None) -> str:
+def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None, dtype=None,
+                  fused_shape: tuple[int, int] | None = None) -> str:
     """The `auto` choice, from the crossovers measured on an H100 (bench/NOTES.md).
 
     Mixtures alone (`tokens` None, e.g. forced routing): dense while N * r <= DENSE_MAX_TOTAL_RANK,
     else bmm. The gated layer (`tokens` given) on a GPU: within the decode kernels' limits, the Pallas
     decode kernels, which took the least device time at 1 and 16 tokens for every N measured; on long
-    prompts of bfloat16 tokens (`dtype`), the Pallas dense expand where it won (see PALLAS_PREFILL_MIN_TOKENS).
+    prompts of bfloat16 tokens (`dtype`): `fused` where the caller can run it (`fused_shape`, the base weight's
+    [in, out] features, given only in calls that are not differentiated) and its tiles fit (FUSED_MIN_TOKENS),
+    else the Pallas dense expand where it won (PALLAS_PREFILL_MIN_TOKENS).
     """
     total_rank = num_adapters * rank
     if tokens is not None and jax.default_backend() == "gpu":
         if _fits_decode_kernels(tokens, num_adapters, rank):
             return "pallas"
+        if dtype == jnp.bfloat16 and tokens >= FUSED_MIN_TOKENS and _fits_fused(fused_shape, rank):
+            return "fused"
         dense_expand = tokens >= PALLAS_PREFILL_MIN_TOKENS and total_rank <= DENSE_MAX_TOTAL_RANK
         if dtype == jnp.bfloat16 and rank <= PALLAS_MAX_RANK and dense_expand:
             return "pallas"
     return "dense" if total_rank <= DENSE_MAX_TOTAL_RANK else "bmm"
+
+
+def _fits_fused(fused_shape: tuple[int, int] | None, rank: int) -> bool:
+    if fused_shape is None:
+        return False
+    in_features, out_features = fused_shape
+    return in_features % FUSED_INPUT_MULTIPLE == 0 and out_features % FUSED_OUTPUT_MULTIPLE == 0 and (
+        rank <= FUSED_MAX_RANK)
 
 
 def mixture_pallas(x, lora_a, lora_b, scaling, indices, weights):

@@ -17,7 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from meteora_jax.layers import PROJECTIONS, Linear, weight_init
-from meteora_jax.lora_mixture import STRATEGIES, compute_gate_logits, fused_output, gated_output, lora_mixture
+from meteora_jax.lora_mixture import (
+    STRATEGIES,
+    compute_gate_logits,
+    fused_output,
+    gated_output,
+    lora_mixture,
+    pick_strategy,
+)
 from meteora_jax.routing import Routing
 
 
@@ -62,6 +69,10 @@ class MeteoraDense(nn.Module):
         flat = x.reshape(-1, in_features).astype(self.dtype)
         lora_a, lora_b = bank["lora_a"].astype(self.dtype), bank["lora_b"].astype(self.dtype)
         strategy = routing.strategy or cfg.strategy
+        if strategy == "auto" and routing.inference:
+            shape = (in_features, self.features)
+            if pick_strategy(cfg.num_adapters, cfg.rank, flat.shape[0], flat.dtype, shape) == "fused":
+                strategy = "fused"
         if routing.force_adapter is None and routing.assignment is None:
             # The temperature is a static Python float (Routing keeps it out of the traced values), as the
             # `pallas` decode kernels need.

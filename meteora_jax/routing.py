@@ -16,6 +16,8 @@ class Routing:
     force_adapter: send every token to this adapter alone (weight 1), e.g. the single-adapter baseline.
     assignment: [B, T] adapter id per token (weight 1), -1 for none; the one field that is an array.
     adapters_off: skip the adapters entirely, giving the base model.
+    inference: the call is not differentiated (generate() sets it), so `auto` may take the `fused` strategy on
+        long prompts: its forward is the fastest measured, its gradients go through slow plain references.
     Static fields are part of the compiled program; a Routing without `assignment` is hashable.
     """
 
@@ -24,6 +26,7 @@ class Routing:
     strategy: str | None = struct.field(pytree_node=False, default=None)
     force_adapter: int | None = struct.field(pytree_node=False, default=None)
     adapters_off: bool = struct.field(pytree_node=False, default=False)
+    inference: bool = struct.field(pytree_node=False, default=False)
     assignment: jax.Array | None = None
 
     def __post_init__(self):

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from meteora_jax.lora_mixture import FUSED_TILE_TOKENS
 from meteora_jax.trainable import merge_params
 
 
@@ -125,10 +126,6 @@ def layer_gate_accuracy(module, params, batch):
     return gate_loss(gate_logits_by_layer(state["intermediates"]), batch["task_ids"])[1]
 
 
-# Tokens per tile of the `fused` strategy's GEMM (RoutedGemmBlockSizes().tile_tokens).
-FUSED_TILE_TOKENS = 256
-
-
 @functools.partial(jax.jit, static_argnames=("module",))
 def compare_routing(module, params, other_params, batch) -> dict[str, jax.Array]:
     """How `other_params` (e.g. the gates held in bfloat16) route one batch against `params`, per layer in sorted
@@ -165,11 +162,12 @@ def fused_missed_share(indices, num_adapters: int, rank: int, tile_tokens: int =
     from meteora_jax.pallas.fused_linear import slot_count, tile_slots  # Pallas imports stay off the default path
 
     flat = indices.reshape(-1, indices.shape[-1])
-    pairs = flat.size
-    flat = jnp.pad(flat, ((0, -flat.shape[0] % tile_tokens), (0, 0)))
+    real = jnp.ones(flat.shape, bool)
+    padding = ((0, -flat.shape[0] % tile_tokens), (0, 0))
+    flat, real = jnp.pad(flat, padding), jnp.pad(real, padding)
     slots = slot_count(rank)
-    _, slot = tile_slots(flat, num_adapters, tile_tokens, slots)
-    return jnp.sum(slot >= slots) / pairs
+    _, slot = tile_slots(flat, num_adapters, tile_tokens, slots, counted=real)
+    return jnp.sum((slot >= slots) & real) / jnp.sum(real)
 
 
 def peak_memory_bytes() -> int | None:

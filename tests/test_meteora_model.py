@@ -113,6 +113,24 @@ def test_generate_with_routing(rng):
         generate(model, params, prompts, max_new_tokens=2, routing=Routing(assignment=jnp.zeros((2, 5), int)))
 
 
+def test_generate_marks_its_calls_inference_so_auto_may_take_fused(rng, monkeypatch):
+    from meteora_jax import meteora
+
+    offered = []
+
+    def spy(*args):
+        offered.append(args[4])  # fused_shape: offered only to calls marked inference
+        return "auto"
+
+    monkeypatch.setattr(meteora, "pick_strategy", spy)
+    _, model, params = meteora_model(targets=("q_proj",))  # a module no other test compiles generate() for
+    generate(model, params, [rng.integers(3, 97, 5).tolist()], max_new_tokens=2)
+    assert offered and set(offered) == {(32, 32)}
+    offered.clear()
+    model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32))  # a plain call may be differentiated
+    assert offered == []
+
+
 @pytest.mark.parametrize("gate_dtype", ["float32", "bfloat16"])
 def test_generate_through_the_pallas_decode_kernels_matches_loop(rng, gate_dtype):
     from meteora_jax.meteora_checkpoint import cast_gates

@@ -92,27 +92,35 @@ def test_tile_shrink_matches_reference_interpreted(rank, in_features, splits):
     np.testing.assert_array_equal(np.asarray(ours[:, slots * rank:], np.float32), 0)
 
 
-def test_tile_slots_keep_first_adapters_and_mark_misses():
+def test_tile_slots_keep_most_chosen_adapters_and_mark_misses():
     indices = jnp.asarray([[3, 1], [1, 0], [5, 2], [7, 4], [6, 6], [1, 2], [0, 2], [2, 0]], jnp.int32)
     adapters, slot = tile_slots(indices, num_adapters=8, tile_tokens=4, slots=3)
-    np.testing.assert_array_equal(adapters, [[0, 1, 2], [0, 1, 2]])  # tile 0 chose 0,1,2,3,4,5,7; tile 1 0,1,2,6
-    np.testing.assert_array_equal(slot, [[3, 1], [1, 0], [3, 2], [3, 3], [3, 3], [1, 2], [0, 2], [2, 0]])
+    # tile 0 chose 1 twice, 0,2,3,4,5,7 once (ties to the lower index); tile 1 chose 2 three times, 0 and 6 twice
+    np.testing.assert_array_equal(adapters, [[1, 0, 2], [2, 0, 6]])
+    np.testing.assert_array_equal(slot, [[3, 0], [0, 1], [3, 2], [3, 3], [2, 2], [3, 0], [1, 0], [0, 1]])
+    uncounted = jnp.zeros((8, 2), bool).at[4].set(True)  # only token 4 votes: its adapter, then the lowest unchosen
+    np.testing.assert_array_equal(tile_slots(indices, 8, 4, 3, counted=uncounted)[0], [[0, 1, 2], [6, 0, 1]])
+    np.testing.assert_array_equal(tile_slots(indices, 2, 8, 3)[0], [[0, 1, 0]])  # fewer adapters than slots
 
 
-def test_missed_add_matches_reference_interpreted():
+@pytest.mark.parametrize("programs", [1, 64])  # 64: 16 programs (48's largest divisor up to 64) of 3 tokens each
+def test_missed_add_matches_reference_interpreted(programs):
     rng = np.random.default_rng(2)
-    t, i, o, n, r = 32, 64, 128, 6, 8
+    t, i, o, n, r = 48, 64, 128, 6, 8
     x, a, b = normal(rng, (t, i), dtype=jnp.float32), normal(rng, (n, i, r), dtype=jnp.float32), normal(
         rng, (n, r, o), dtype=jnp.float32)
     indices = jnp.asarray(rng.integers(0, n, (t, 2)), jnp.int32)
     coef = jnp.asarray(rng.standard_normal((t, 2)) * (rng.random((t, 2)) < 0.3), jnp.float32).at[:8].set(0)
+    coef = coef.at[9].set(1.5)  # both choices of one token: its program adds them one after the other
     y = normal(rng, (t, o), dtype=jnp.float32)
-    blocks = MissedAddBlockSizes(block_tokens=8, block_in=32, block_out=64)
+    blocks = MissedAddBlockSizes(programs=programs, spans=2, block_in=32, block_out=32)
     ours = missed_add(x, a, b, indices, coef, y, blocks=blocks, interpret=INTERPRET)
     assert rel_error(ours - y, missed_add_reference(x, a, b, indices, coef, y) - y) < 1e-5
-    np.testing.assert_array_equal(ours[:8], y[:8])  # a block with no misses is left as it was
-    with pytest.raises(ValueError, match="does not tile by 8 tokens, 32 inputs and 64 outputs"):
-        missed_add(x[:30], a, b, indices[:30], coef[:30], y[:30], blocks=blocks, interpret=True)
+    np.testing.assert_array_equal(ours[:8], y[:8])  # tokens with no misses are left as they were
+    nothing = missed_add(x, a, b, indices, jnp.zeros_like(coef), y, blocks=blocks, interpret=INTERPRET)
+    np.testing.assert_array_equal(nothing, y)
+    with pytest.raises(ValueError, match="does not tile by 32 inputs and 2 spans of 32 outputs"):
+        missed_add(x, a, b[:, :, :96], indices, coef, y[:, :96], blocks=blocks, interpret=True)
 
 
 @pytest.mark.parametrize("case", ["runs", "runs past the slots"])
@@ -167,6 +175,50 @@ def test_meteora_dense_fused_matches_loop_gated_and_forced():
         assert rel_error(ours, ref) < 1e-2, routing
 
 
+def test_auto_takes_fused_for_long_bfloat16_prompts_where_its_tiles_fit(monkeypatch):
+    from meteora_jax import lora_mixture
+    from meteora_jax.pallas.routed_gemm import LANE
+
+    blocks = RoutedGemmBlockSizes()
+    fused_limits = (lora_mixture.FUSED_INPUT_MULTIPLE, lora_mixture.FUSED_OUTPUT_MULTIPLE, lora_mixture.FUSED_MAX_RANK)
+    assert fused_limits == (blocks.tile_k, blocks.tile_outputs, LANE)
+    assert lora_mixture.FUSED_TILE_TOKENS == blocks.tile_tokens  # train.gates reports the GEMM's own tiles
+    monkeypatch.setattr(lora_mixture.jax, "default_backend", lambda: "gpu")
+    pick, bf16, square = lora_mixture.pick_strategy, jnp.bfloat16, (4096, 4096)
+    long = lora_mixture.FUSED_MIN_TOKENS
+    assert pick(256, 8, long, bf16, square) == "fused"
+    assert pick(28, 8, long, bf16, (4096, 14336)) == "fused"
+    assert pick(28, 64, long, bf16, square) == "fused"
+    assert pick(256, 8, long - 1, bf16, square) == "bmm"
+    assert pick(256, 8, long, bf16) == "bmm"  # no base weight at hand
+    assert pick(256, 8, long, jnp.float32, square) == "bmm"
+    assert pick(256, 8, long, bf16, (576, 576)) == "bmm"  # 576 outputs are not whole 128-output tiles
+    assert pick(256, 8, long, bf16, (4000, 4096)) == "bmm"
+    assert pick(8, 128, long, bf16, square) == "bmm"  # rank past the GEMM's 64 columns
+    assert pick(28, 8, 16, bf16, square) == "pallas"  # the decode kernels
+
+
+def test_meteora_dense_auto_offers_fused_only_to_calls_marked_inference(monkeypatch):
+    from meteora_jax import meteora
+
+    shapes = []
+
+    def pick_fused(num_adapters, rank, tokens=None, dtype=None, fused_shape=None):
+        shapes.append((tokens, fused_shape))
+        return "fused" if fused_shape else "loop"
+
+    monkeypatch.setattr(meteora, "pick_strategy", pick_fused)
+    rng = np.random.default_rng(6)
+    layer = MeteoraDense(128, MeteoraConfig(num_adapters=4, rank=8, targets=("q_proj",)), dtype=jnp.bfloat16)
+    x = normal(rng, (1, 40, 64))
+    params = layer.init(jax.random.key(0), x)
+    for routing in ({}, {"force_adapter": 2}):
+        auto = layer.apply(params, x, routing=Routing(strategy="auto", inference=True, **routing))
+        np.testing.assert_array_equal(auto, layer.apply(params, x, routing=Routing(strategy="fused", **routing)))
+        layer.apply(params, x, routing=Routing(strategy="auto", **routing))  # may be differentiated: no offer
+    assert shapes == [(40, (64, 128))] * 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="full-size kernel tests need a GPU")
 @pytest.mark.parametrize("tokens, out_features, random_routing", [(4096, 4096, False), (1000, 1024, True)])
@@ -180,12 +232,12 @@ def test_fused_full_size_on_gpu(tokens, out_features, random_routing):
 
 
 def test_fused_missed_share_counts_the_choices_past_the_slots():
-    from meteora_jax.training import FUSED_TILE_TOKENS, fused_missed_share
+    from meteora_jax.training import fused_missed_share
 
-    assert FUSED_TILE_TOKENS == RoutedGemmBlockSizes().tile_tokens  # train.gates reports the GEMM's own tiles
 
-    # Two tiles of 4 tokens, rank 21: 3 slots; tile 0 chose 0,1,2,3,4,5,7 (6 choices past 0,1,2), tile 1 0,1,2,6.
+    # Two tiles of 4 tokens, rank 21: 3 slots; tile 0 keeps 1, 0, 2 (3, 4, 5, 7 miss), tile 1 keeps 2, 0, 6 (1 misses).
     indices = jnp.asarray([[3, 1], [1, 0], [5, 2], [7, 4], [6, 6], [1, 2], [0, 2], [2, 0]], jnp.int32)
     share = fused_missed_share(indices.reshape(2, 4, 2), num_adapters=8, rank=21, tile_tokens=4)
-    assert float(share) == pytest.approx(6 / 16)
-    assert float(fused_missed_share(indices[:2].reshape(1, 2, 2), 8, 21, tile_tokens=4)) == 0  # padded tile
+    assert float(share) == pytest.approx(5 / 16)
+    # 3 tokens padded to a tile of 4: the padding neither votes for adapter 0 nor counts as a pair
+    assert float(fused_missed_share(jnp.asarray([[3, 4], [5, 3], [4, 5]]), 8, 21, tile_tokens=4)) == 0

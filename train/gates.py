@@ -32,11 +32,10 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from meteora_jax.data import batch_stream, load_task_records, read_jsonl_records, split_records, tokenize_records
-from meteora_jax.lora_mixture import STRATEGIES
+from meteora_jax.lora_mixture import FUSED_TILE_TOKENS, STRATEGIES
 from meteora_jax.meteora_checkpoint import cast_gates, load_meteora, read_meteora, save_meteora, split_banks
 from meteora_jax.trainable import GATES, GATES_AND_ADAPTERS, merge_params, split_trainable
 from meteora_jax.training import (
-    FUSED_TILE_TOKENS,
     TrainConfig,
     committed,
     compare_routing,

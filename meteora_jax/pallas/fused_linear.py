@@ -1,10 +1,10 @@
 """The `fused` strategy: the base linear and the routed mixture in one GEMM (`routed_gemm`), for prefill.
 
-Per tile of neighbouring tokens the routing keeps its first U = 64 // r distinct adapters as slots (8 at r = 8).
+Per tile of neighbouring tokens the routing keeps its U = 64 // r most chosen adapters as slots (8 at r = 8).
 h [T, 64] holds each token's x A for each slot's adapter times its routing coefficient (zero for slots it did not
 choose; columns past U r zero), b_tile [tiles, 64, O] the slots' B rows; the GEMM adds h @ b_tile in its
 epilogue. A token choice whose adapter missed its tile's slots (a tile spanning more than U adapters) is added
-afterwards, per token, by meteora_jax/pallas/missed_add.py, whose programs return at once where none missed.
+afterwards, per token, by meteora_jax/pallas/missed_add.py, whose programs walk only the tokens with a miss.
 """
 
 from __future__ import annotations
@@ -25,20 +25,23 @@ def slot_count(rank: int) -> int:
     return max(1, LANE // rank)  # tile_shrink's column layout
 
 
-def tile_slots(indices, num_adapters: int, tile_tokens: int, slots: int):
-    """(adapters [tiles, U]: each tile's first U distinct chosen adapters in index order, unused slots 0;
-    slot [T, K]: the slot holding each choice, U where its adapter missed its tile's slots)."""
+def tile_slots(indices, num_adapters: int, tile_tokens: int, slots: int, counted=None):
+    """(adapters [tiles, U]: each tile's U most chosen adapters, ties to the lower index; slot [T, K]: the slot
+    holding each choice, U where its adapter missed its tile's slots).
+
+    Only choices where `counted` [T, K] (default all) is true vote, so padding tokens take no slot. Slots past
+    the tile's distinct choices hold adapters nobody in the tile chose (their coefficients are zero)."""
     t = indices.shape[0]
     tiles = t // tile_tokens
     tile_of_token = jnp.arange(t) // tile_tokens
-    present = jnp.zeros((tiles, num_adapters), jnp.int32).at[tile_of_token[:, None], indices].max(1)
-    rank = jnp.cumsum(present, axis=1) - 1  # each present adapter's place among its tile's
-    place = jnp.where((present == 1) & (rank < slots), rank, slots)
-    adapters = jnp.zeros((tiles, slots), jnp.int32).at[jnp.arange(tiles)[:, None], place].set(
-        jnp.broadcast_to(jnp.arange(num_adapters, dtype=jnp.int32), (tiles, num_adapters)), mode="drop"
-    )
-    slot = jnp.minimum(rank[tile_of_token[:, None], indices], slots)
-    return adapters, slot
+    votes = jnp.ones(indices.shape, jnp.int32) if counted is None else counted.astype(jnp.int32)
+    counts = jnp.zeros((tiles, num_adapters), jnp.int32).at[tile_of_token[:, None], indices].add(votes)
+    kept = min(slots, num_adapters)
+    _, adapters = jax.lax.top_k(counts, kept)
+    place = jnp.full((tiles, num_adapters), slots, jnp.int32).at[jnp.arange(tiles)[:, None], adapters].set(
+        jnp.arange(kept, dtype=jnp.int32))
+    slot = place[tile_of_token[:, None], indices]
+    return jnp.pad(adapters.astype(jnp.int32), ((0, 0), (0, slots - kept))), slot
 
 
 def slot_coefficients(coef, slot, slots: int):
@@ -65,8 +68,8 @@ def fused_linear(x, w, lora_a, lora_b, scaling, indices, weights, *,
         indices = jnp.pad(indices, ((0, padded), (0, 0)))
         weights = jnp.pad(weights, ((0, padded), (0, 0)))
     slots = slot_count(r)
-    adapters, slot = tile_slots(indices, n, blocks.tile_tokens, slots)
     per_choice = weights.astype(jnp.float32) * scaling.astype(jnp.float32)[indices]
+    adapters, slot = tile_slots(indices, n, blocks.tile_tokens, slots, counted=per_choice != 0)
     per_slot = slot_coefficients(per_choice, slot, slots)
     in_slots = slot < slots
 
@@ -83,8 +86,9 @@ def fused_linear(x, w, lora_a, lora_b, scaling, indices, weights, *,
 def _add_missed(x, y, lora_a, lora_b, indices, missed, interpret):
     """y plus the choices that missed their tile's slots (`missed`: their coefficients, zero elsewhere)."""
     i, o = x.shape[1], y.shape[1]
-    blocks = MissedAddBlockSizes(block_in=math.gcd(i, MissedAddBlockSizes.block_in),
-                                 block_out=math.gcd(o, MissedAddBlockSizes.block_out))
+    block_out = math.gcd(o, MissedAddBlockSizes.block_out)
+    blocks = MissedAddBlockSizes(block_in=math.gcd(i, MissedAddBlockSizes.block_in), block_out=block_out,
+                                 spans=math.gcd(o // block_out, MissedAddBlockSizes.spans))
     return missed_add(x, lora_a, lora_b, indices, missed, y, blocks=blocks, interpret=interpret)
 
 
