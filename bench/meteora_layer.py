@@ -19,7 +19,9 @@ out-of-memory at run time is recorded as "oom".
 
 Routing: the random gate spreads each token's two slots over random adapters (the worst case for the
 grouped kernels). `--segment-tokens L` instead feeds cases of more than 256 tokens runs of L tokens that
-each favour one random pair of adapters, as the tokens of one task in a prompt route alike.
+each favour one random pair of adapters, as the tokens of one task in a prompt route alike. Each case
+records its routing's spread: adapters used, the busiest adapter's share of the choices, and the share of
+choices that miss the `fused` strategy's tile slots (its per-token remainder).
 
 Usage (GPU, about 5 minutes):
     python bench/meteora_layer.py [--out FILE] [--segment-tokens L]
@@ -64,6 +66,7 @@ from profile_events import traced_kernel_events  # noqa: E402
 from result_path import default_result_path  # noqa: E402
 
 from meteora_jax.lora_mixture import gated_output, pick_strategy, route  # noqa: E402
+from meteora_jax.training import fused_missed_share  # noqa: E402
 
 TOP_K = 2
 RANK = 8
@@ -125,8 +128,8 @@ def grid(pairs: Sequence[tuple[int, int]], adapters: Sequence[int], tokens: Sequ
 
 
 def full_plan() -> Plan:
-    cases = grid([(4096, 4096), (4096, 14336)], [28], [1, 16, 256, 4096, 16384])
-    cases += grid([(4096, 4096)], [64], [4096]) + grid([(4096, 4096)], [256, 1024], [1, 16, 4096, 16384])
+    cases = grid([(4096, 4096), (4096, 14336)], [28], [1, 16, 256, 1024, 4096, 16384])
+    cases += grid([(4096, 4096)], [64], [4096]) + grid([(4096, 4096)], [256, 1024], [1, 16, 1024, 4096, 16384])
     return Plan(tuple(cases), prefill=Case(4096, 4096, 28, 16384), decode_adapters=28, decode_max_tokens=16,
                 many_adapters=256, decode_many_adapters=1024, prefill_min_tokens=4096,
                 seconds_per_variant=0.5, sample_seconds=2e-3)
@@ -237,9 +240,11 @@ def segment_inputs(key, tokens: int, gate: jax.Array, segment_tokens: int) -> ja
 
 def routing_spread(x: jax.Array, params: dict[str, jax.Array]) -> dict[str, Any]:
     """How the (token, slot) pairs of one input set fall on the adapters, to show the gate spreads them."""
-    indices, _ = route(jnp.dot(x.astype(jnp.float32), params["gate"]), TOP_K, TEMPERATURE)
-    counts = jnp.bincount(indices.reshape(-1), length=params["gate"].shape[1])
-    return {"adapters_used": int((counts > 0).sum()), "max_adapter_share": float(counts.max() / indices.size)}
+    n = params["gate"].shape[1]
+    indices, _ = route(jnp.dot(x.astype(jnp.float32), params["gate"].astype(jnp.float32)), TOP_K, TEMPERATURE)
+    counts = jnp.bincount(indices.reshape(-1), length=n)
+    return {"adapters_used": int((counts > 0).sum()), "max_adapter_share": float(counts.max() / indices.size),
+            "fused_missed_share": float(fused_missed_share(indices, n, RANK))}
 
 
 # ---------------------------------------------------------------- measuring
@@ -467,7 +472,7 @@ def markdown_table(rows: list[dict[str, Any]], plan: Plan) -> str:
     for case in plan.cases:
         case_rows = rows_of(rows, case)
         best = best_strategy(case_rows)
-        auto = pick_strategy(case.adapters, RANK, case.tokens, jnp.bfloat16)
+        auto = pick_strategy(case.adapters, RANK, case.tokens, jnp.bfloat16, (case.in_features, case.out_features))
         if best:
             temps = f"{human_bytes(best['temp_bytes'])} / {human_bytes(case_rows['lora'].get('temp_bytes'))}"
             temp_cell = f"{fmt_ratio(best['temp_vs_lora'])} ({temps})"

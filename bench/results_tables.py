@@ -70,12 +70,15 @@ def layer_section(runs: list[dict], title: str, method: str) -> list[str]:
     rows: dict[tuple, dict] = {}
     for r in results:
         rows.setdefault((r["in_features"], r["out_features"], r["adapters"], r["tokens"]), {})[r["variant"]] = r
-    lines.append("| in->out | N | T | " + " | ".join(f"{n} ms" for n in variants) + " | best | best / lora time | "
-                 "best / lora temp |")
-    lines.append("|---|---:|---:|" + "---:|" * len(variants) + "---|---:|---:|")
+    misses = any("fused_missed_share" in r for r in results)  # runs since the share was recorded
+    header = ["in->out", "N", "T", *(["fused misses"] if misses else []), *(f"{n} ms" for n in variants)]
+    lines.append("| " + " | ".join(header) + " | best | best / lora time | best / lora temp |")
+    lines.append("|---|---:|---:|" + "---:|" * (len(variants) + misses) + "---|---:|---:|")
     for (i, o, n, t), case in rows.items():
         cells = [f"{case[v]['median_ms']:.4g}" if case.get(v, {}).get("status") == "ok"
                  else case.get(v, {}).get("status", "-").split(":")[0] for v in variants]
+        if misses:
+            cells.insert(0, f"{case['base']['fused_missed_share']:.2%}")
         timed = [s for s in strategies if case.get(s, {}).get("status") == "ok"]
         best = min(timed, key=lambda s: case[s]["median_ms"])
         lora = case["lora"]
@@ -267,18 +270,19 @@ def bfloat16_gates_section(run: dict, validation: dict) -> list[str]:
     ]
 
 
-def fused_tiles_section(run: dict, validation: dict) -> list[str]:
-    """How trained gates fill the `fused` strategy's tile slots (train.gates validation's "fused_strategy")."""
+def fused_tiles_section(run: dict, validation: dict, slots: str) -> list[str]:
+    """How trained gates fill the `fused` strategy's tile slots (train.gates validation's "fused_strategy"), under
+    the slot rule of that run (`slots`: which 8 adapters a tile keeps)."""
     fused = validation["fused_strategy"]
     shares = sorted(fused["layers_missed_share"].values())
     worst = max(fused["layers_missed_share"], key=fused["layers_missed_share"].get)
     return [
-        "## Trained gates against the `fused` strategy's tile slots (`train.gates` validation)\n",
+        f"## Trained gates against the `fused` strategy's tile slots, {slots} (`train.gates` validation)\n",
         f"Date {run['date'][:10]}; {run['device']}; jax {run['jax']}. The training path above run again "
         f"({len(run['adapters'])} adapters of rank 8 (train.lora's default), "
         f"{run['settings']['gate_steps']} gate steps; held-out gate accuracy {validation['mean_gate_accuracy']:.4f})."
         f" Missed share: the share of (token, choice) pairs of the held-out batch, as one layer call sees it, whose "
-        f"adapter is not among its {fused['tile_tokens']}-token tile's first 64 / r = 8 distinct adapters: the "
+        f"adapter is not among the 64 / r = 8 adapters its {fused['tile_tokens']}-token tile keeps ({slots}): the "
         "pairs `fused` adds per token outside its GEMM.\n",
         "| layers | mean missed share | median layer | highest layer |",
         "|---:|---:|---:|---|",
@@ -286,6 +290,24 @@ def fused_tiles_section(run: dict, validation: dict) -> list[str]:
         f"{worst} {fused['layers_missed_share'][worst]:.4f} |",
         "",
     ]
+
+
+def missed_add_section(run: dict) -> list[str]:
+    env, rows = run["environment"], run["rows"]
+    lines = [
+        "## The `fused` strategy's miss path, block sizes (`missed_add_tuning.py`)\n",
+        f"Date {env['date'][:10]}; {env['device']}; jax {env['versions']['jax']}. The per-token remainder alone "
+        "(its kernel's own time, without XLA's copy of y), 4096 -> 4096, bf16, r = 8, k = 2, on the choices that "
+        "miss their 256-token tile's 8 most chosen adapters; programs x output spans per token.\n",
+        "| N | T | routing | choices missed | programs | spans | kernel us |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        blocks = dict(item.split("=") for item in r["blocks"][r["blocks"].index("(") + 1:-1].split(", "))
+        time = f"{r['kernel_ms'] * 1e3:.1f}" if r.get("kernel_ms") else r.get("error", "-")[:40]
+        lines.append(f"| {r['adapters']} | {r['tokens']} | {r['routing']} | {r['missed_share']:.2%} | "
+                     f"{blocks['programs']} | {blocks['spans']} | {time} |")
+    return lines + [""]
 
 
 def tile_adapters_section(run: dict) -> list[str]:
@@ -363,6 +385,13 @@ def render() -> str:
                            "MeteoRA layer, many adapters, routing in runs of tokens", "chained")
     lines += layer_section([load("meteora_layer_segments_gate_bf16.json")],
                            "MeteoRA layer, many adapters, routing in runs of tokens, bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_fused_runs96_n28.json"), load("meteora_layer_fused_runs96_many.json")],
+                           "MeteoRA layer with `fused` (tile slots: the 8 most chosen), routing in runs of 96 tokens, "
+                           "bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_fused_runs48.json")],
+                           "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
+                           "tile's slots), bfloat16 gates", "chained")
+    lines += missed_add_section(load("missed_add_tuning.json"))
     lines += layer_section([load("meteora_layer_fused_segments_gate_bf16.json")],
                            "MeteoRA layer with the `fused` strategy (routed GEMM), routing in runs, bfloat16 gates",
                            "chained")
@@ -393,8 +422,11 @@ def render() -> str:
     lines += pipeline_section(load("train_pipeline.json"))
     lines += bfloat16_gates_section(load("train_pipeline_gates_bf16_check.json"),
                                     load("train_pipeline_gates_bf16_check_validation.json"))
+    lines += fused_tiles_section(load("train_pipeline_fused_frequency.json"),
+                                 load("train_pipeline_fused_frequency_validation.json"), "the 8 most chosen")
     lines += fused_tiles_section(load("train_pipeline_fused_tiles.json"),
-                                 load("train_pipeline_fused_tiles_validation.json"))
+                                 load("train_pipeline_fused_tiles_validation.json"),
+                                 "the first 8 distinct in index order, the first rule")
     lines += gate_strategy_section(load("train_gates_strategy.json"))
     return "\n".join(lines)
 

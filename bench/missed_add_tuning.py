@@ -1,0 +1,101 @@
+"""Block sizes of the `fused` strategy's miss path (meteora_jax/pallas/missed_add.py): device (kernel) time of the
+per-token remainder on the choices that miss their tile's slots, bf16, r = 8, with each run's error against the
+plain reference. Only the kernel's own time counts (not XLA's copy of y, which the kernel updates in place
+and a layer hands over). Two routings: runs of 96 tokens (meteora_layer.py --segment-tokens 96; a 256-token tile spans
+3-4 runs, so few choices miss) and a random gate (nearly every choice past its tile's 8 most chosen misses).
+
+Usage: python bench/missed_add_tuning.py [--out FILE]   (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from base_gemm_forms import fastest, measured  # noqa: E402
+from meteora_layer import KERNEL_TIME_RUNS, TOP_K, Case, environment, make_params, normal, route, segment_inputs  # noqa: E402
+from profile_events import traced_kernel_events  # noqa: E402
+from result_path import default_result_path  # noqa: E402
+
+from meteora_jax.lora_mixture import compute_gate_logits  # noqa: E402
+from meteora_jax.pallas.fused_linear import slot_count, tile_slots  # noqa: E402
+from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add, missed_add_reference  # noqa: E402
+from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes  # noqa: E402
+
+CASES = (Case(4096, 4096, 256, 16384), Case(4096, 4096, 1024, 4096))
+ROUTINGS = ("runs96", "random")
+TILE_TOKENS = RoutedGemmBlockSizes().tile_tokens
+
+
+def block_grid():
+    for programs, spans in itertools.product((256, 1024, 4096), (1, 2, 4)):
+        yield MissedAddBlockSizes(programs=programs, spans=spans)
+
+
+def kernel_ms(fn, args) -> float:
+    """The miss kernel's own device time per call, the median of KERNEL_TIME_RUNS traced calls."""
+    runs = []
+    for _ in range(KERNEL_TIME_RUNS):
+        events = traced_kernel_events(lambda: jax.block_until_ready(fn(*args)))
+        runs.append(sum(duration for name, _, duration in events if name == "meteora_missed_add") / 1e6)
+    return statistics.median(runs)
+
+
+def missed_coefficients(case: Case, p: dict, routing: str):
+    """(x, indices, the coefficients of the choices that miss their tile's slots [T, K])."""
+    key = jax.random.key(case.tokens)
+    if routing == "random":
+        x = normal(key, (case.tokens, case.in_features), 1.0)
+    else:
+        x = segment_inputs(key, case.tokens, p["gate"], 96)
+    indices, weights = route(compute_gate_logits(x, p["gate"]), TOP_K, 1.0)
+    per_choice = weights * p["scaling"][indices]
+    slots = slot_count(p["lora_a"].shape[-1])
+    _, slot = tile_slots(indices, case.adapters, TILE_TOKENS, slots)
+    return x, indices, jnp.where(slot < slots, 0, per_choice)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=None)
+    out = parser.parse_args().out or default_result_path("missed_add_tuning.json")
+    rows = []
+    for case, routing in itertools.product(CASES, ROUTINGS):
+        p = make_params(case, jax.random.key(case.adapters), "bfloat16")
+        x, indices, coef = missed_coefficients(case, p, routing)
+        y = x @ p["w"]
+        args = (x, p["lora_a"], p["lora_b"], indices, coef, y)
+        ref = missed_add_reference(*args).astype(jnp.float32) - y
+        share = float(jnp.mean(coef != 0))
+
+        def measure(blocks):
+            fn = jax.jit(lambda *a: missed_add(*a, blocks=blocks))
+            got = fn(*args).astype(jnp.float32) - y
+            return {"rel_err": float(jnp.linalg.norm(got - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30)),
+                    "kernel_ms": kernel_ms(fn, args)}
+
+        sweep = [measured({"adapters": case.adapters, "tokens": case.tokens, "routing": routing,
+                           "missed_share": share, "blocks": repr(blocks)}, lambda blocks=blocks: measure(blocks))
+                 for blocks in block_grid()]
+        rows += sweep
+        best = fastest(sweep)
+        summary = f"best {best['kernel_ms'] * 1e3:.1f} us err {best['rel_err']:.1e} {best['blocks']}" if best else ""
+        print(f"N={case.adapters} T={case.tokens} {routing} ({share:.2%} of choices missed): {summary}")
+        for row in sweep:
+            print(f"    {row.get('kernel_ms', 0) * 1e3:8.1f} us  {row['blocks']}  {row.get('error', '')}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
