@@ -241,3 +241,40 @@ def test_fused_missed_share_counts_the_choices_past_the_slots():
     assert float(share) == pytest.approx(5 / 16)
     # 3 tokens padded to a tile of 4: the padding neither votes for adapter 0 nor counts as a pair
     assert float(fused_missed_share(jnp.asarray([[3, 4], [5, 3], [4, 5]]), 8, 21, tile_tokens=4)) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="auto takes fused only on a GPU")
+def test_model_prompt_takes_fused_under_auto_and_matches_loop_on_gpu(monkeypatch):
+    from hf_reference import tiny_config
+
+    from meteora_jax import lora_mixture, meteora
+    from meteora_jax.lora_mixture import fused_output
+    from meteora_jax.meteora import MeteoraLinear
+    from meteora_jax.model import LlamaForCausalLM
+
+    calls = []
+
+    def counted_fused_output(*args):
+        calls.append(args[1].shape)
+        return fused_output(*args)
+
+    monkeypatch.setattr(lora_mixture, "fused_output", counted_fused_output)  # gated_output's
+    monkeypatch.setattr(meteora, "fused_output", counted_fused_output)  # forced routing's
+    # Every projection's in/out features fit the GEMM's tiles (64 inputs, 128 outputs); 4 x 1024 prompt tokens.
+    config = tiny_config(hidden_size=256, intermediate_size=512, vocab_size=128, max_position_embeddings=1024,
+                         dtype="bfloat16")
+    model = LlamaForCausalLM(config, linear=MeteoraLinear(MeteoraConfig(num_adapters=8, rank=8)))
+    tokens = jnp.asarray(np.random.default_rng(7).integers(3, 128, (4, 1024)), jnp.int32)
+    params = model.init(jax.random.key(0), tokens[:, :4])["params"]
+    for routing, b_scale in (({"force_adapter": 3}, 0.3), ({}, 0.03)):
+        # Random B makes the adapters matter. Under gated routing, bfloat16 rounding (which differs between
+        # strategies) flips some near-tied top-2 choices in the second layer, so B is smaller there.
+        scaled = jax.tree_util.tree_map_with_path(
+            lambda path, x: jax.random.normal(jax.random.key(len(path)), x.shape, x.dtype) * b_scale
+            if path[-1].key == "lora_b" else x, params)
+        calls.clear()
+        ours, _ = model.apply({"params": scaled}, tokens, routing=Routing(inference=True, **routing))
+        assert len(calls) == 7 * config.num_hidden_layers, routing  # every projection of every layer took fused
+        ref, _ = model.apply({"params": scaled}, tokens, routing=Routing(strategy="loop", **routing))
+        assert rel_error(ours, ref) < 2e-2, routing
