@@ -37,7 +37,7 @@ PALLAS_PREFILL_MIN_TOKENS = 8192
 # `auto` never takes the grouped (SGMV) kernels: they beat bmm only where a random gate spreads every token
 # over all adapters (N = 1024, 16384 tokens: 1.90 against 2.10 ms), and lost to it where tokens route in runs,
 # as prompts do (1.82 against 1.59 ms; bench/NOTES.md).
-# From this many bfloat16 tokens `auto` takes `fused` on a GPU in calls that are not differentiated (its
+# From this many bfloat16 tokens `auto` takes `fused` on a Hopper GPU in calls that are not differentiated (its
 # gradients take the kernels' plain references: 3x slower LoRA training steps, measured) where its routed GEMM's
 # default tiles fit (inputs a multiple of FUSED_INPUT_MULTIPLE, outputs of FUSED_OUTPUT_MULTIPLE, rank up
 # to FUSED_MAX_RANK; meteora_jax/pallas/routed_gemm.py): FUSED_TILE_TOKENS tokens per tile share its adapter slots.
@@ -307,9 +307,10 @@ def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None, dtype
     Mixtures alone (`tokens` None, e.g. forced routing): dense while N * r <= DENSE_MAX_TOTAL_RANK,
     else bmm. The gated layer (`tokens` given) on a GPU: within the decode kernels' limits, the Pallas
     decode kernels, which took the least device time at 1 and 16 tokens for every N measured; on long
-    prompts of bfloat16 tokens (`dtype`): `fused` where the caller can run it (`fused_shape`, the base weight's
-    [in, out] features, given only in calls that are not differentiated) and its tiles fit (FUSED_MIN_TOKENS),
-    else the Pallas dense expand where it won (PALLAS_PREFILL_MIN_TOKENS).
+    prompts of bfloat16 tokens (`dtype`): from FUSED_MIN_TOKENS tokens `fused`, on a Hopper GPU where the caller
+    can run it (`fused_shape`, the base weight's [in, out] features, given only in calls that are not
+    differentiated) and its tiles fit (FUSED_INPUT_MULTIPLE, FUSED_OUTPUT_MULTIPLE, FUSED_MAX_RANK); else the
+    Pallas dense expand where it won (PALLAS_PREFILL_MIN_TOKENS).
     """
     total_rank = num_adapters * rank
     if tokens is not None and jax.default_backend() == "gpu":
@@ -324,11 +325,16 @@ def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None, dtype
 
 
 def _fits_fused(fused_shape: tuple[int, int] | None, rank: int) -> bool:
-    if fused_shape is None:
+    if fused_shape is None or not _on_hopper():
         return False
     in_features, out_features = fused_shape
     return in_features % FUSED_INPUT_MULTIPLE == 0 and out_features % FUSED_OUTPUT_MULTIPLE == 0 and (
         rank <= FUSED_MAX_RANK)
+
+
+def _on_hopper() -> bool:
+    """The routed GEMM is built from Hopper instructions (wgmma, TMA): compute capability 9.0 (H100, H200)."""
+    return getattr(jax.devices()[0], "compute_capability", None) == "9.0"
 
 
 def mixture_pallas(x, lora_a, lora_b, scaling, indices, weights):

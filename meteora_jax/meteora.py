@@ -69,7 +69,8 @@ class MeteoraDense(nn.Module):
         flat = x.reshape(-1, in_features).astype(self.dtype)
         lora_a, lora_b = bank["lora_a"].astype(self.dtype), bank["lora_b"].astype(self.dtype)
         strategy = routing.strategy or cfg.strategy
-        if strategy == "auto" and routing.inference:
+        # `fused` only for prompts: their tokens route in runs, a batch of decode steps does not.
+        if strategy == "auto" and routing.inference and x.ndim >= 3 and x.shape[-2] > 1:
             shape = (in_features, self.features)
             if pick_strategy(cfg.num_adapters, cfg.rank, flat.shape[0], flat.dtype, shape) == "fused":
                 strategy = "fused"

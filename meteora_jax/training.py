@@ -157,8 +157,10 @@ def compare_routing(module, params, other_params, batch) -> dict[str, jax.Array]
 
 def fused_missed_share(indices, num_adapters: int, rank: int, tile_tokens: int = FUSED_TILE_TOKENS) -> jax.Array:
     """The share of (token, choice) pairs [..., K] that would miss their tile's adapter slots in the `fused`
-    strategy (meteora_jax/pallas/fused_linear.py), for the tokens as one layer call sees them (flattened,
-    padding included, padded to whole tiles): the pairs it adds per token, outside its GEMM."""
+    strategy (meteora_jax/pallas/fused_linear.py), for the tokens as one layer call sees them (flattened, the
+    batch's padding tokens included); the rows that fill the last tile neither vote nor count. Every choice votes
+    here, where `fused_linear` counts those with a nonzero coefficient (the same for softmax weights). These are
+    the pairs it adds per token, outside its GEMM."""
     from meteora_jax.pallas.fused_linear import slot_count, tile_slots  # Pallas imports stay off the default path
 
     flat = indices.reshape(-1, indices.shape[-1])

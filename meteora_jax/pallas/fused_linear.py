@@ -30,7 +30,8 @@ def tile_slots(indices, num_adapters: int, tile_tokens: int, slots: int, counted
     holding each choice, U where its adapter missed its tile's slots).
 
     Only choices where `counted` [T, K] (default all) is true vote, so padding tokens take no slot. Slots past
-    the tile's distinct choices hold adapters nobody in the tile chose (their coefficients are zero)."""
+    the tile's distinct choices hold adapters with zero coefficients there: ones nobody in the tile chose, or
+    adapter 0 repeated where there are fewer adapters than slots."""
     t = indices.shape[0]
     tiles = t // tile_tokens
     tile_of_token = jnp.arange(t) // tile_tokens
@@ -87,8 +88,7 @@ def _add_missed(x, y, lora_a, lora_b, indices, missed, interpret):
     """y plus the choices that missed their tile's slots (`missed`: their coefficients, zero elsewhere)."""
     i, o = x.shape[1], y.shape[1]
     block_out = math.gcd(o, MissedAddBlockSizes.block_out)
-    blocks = MissedAddBlockSizes(block_in=math.gcd(i, MissedAddBlockSizes.block_in), block_out=block_out,
-                                 spans=math.gcd(o // block_out, MissedAddBlockSizes.spans))
+    blocks = MissedAddBlockSizes(block_in=math.gcd(i, MissedAddBlockSizes.block_in), block_out=block_out)
     return missed_add(x, lora_a, lora_b, indices, missed, y, blocks=blocks, interpret=interpret)
 
 

@@ -1,20 +1,19 @@
 """The `fused` strategy's remainder: y += the choices that missed their tile's adapter slots, in place.
 
-A token tile spanning more adapters than the routed GEMM's slots leaves some (token, choice) pairs out. A fixed
-grid of programs x output spans adds them per token (BGMV style: x A, then h B over the span). Program p owns
-tokens p, p + P, p + 2P, ... (misses cluster in tiles; interleaving spreads a tile's over the programs). It reads
-their coefficients in one load and returns at once if none missed, else walks only the tokens that did. So a
-call with few misses costs one short launch, with no branch in XLA (an XLA conditional would wait on the host
-for its predicate in every layer) and no list of the missed tokens (XLA's cumulative sum and scatter for one
-took longer than the kernel). Each token is one program's, each output span one program's: no two programs
-write the same element.
+A token tile spanning more adapters than the routed GEMM's slots leaves some (token, choice) pairs out. A grid
+of P programs (P = min(T, blocks.programs)) x output spans adds them per token (BGMV style: x A, then h B over
+the span). Program p owns tokens p, p + P, p + 2P, ... (misses cluster in tiles; interleaving spreads a tile's
+over the programs). It reads its tokens' coefficients with one vector load per choice, returns at once if none
+missed, else walks only the tokens that did. So a call with few misses costs one short launch, with no branch
+in XLA (an XLA conditional would wait on the host for its predicate in every layer) and no list of the missed
+tokens (XLA's cumulative sum and scatter for one took longer than the kernel). Each token is one program's,
+each output span one program's: no two programs write the same element.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +26,9 @@ from meteora_jax.pallas.lora_gather import lora_gather_reference
 
 @dataclasses.dataclass(frozen=True)
 class MissedAddBlockSizes:
-    """programs: programs sharing the tokens (program p takes every programs-th from p); spans: output spans
-    per token, one program each (each redoes the token's x A: more spans shorten a program but repeat reads of
-    A); block_in, block_out: features per loop step."""
+    """programs: at most this many programs share the tokens (program p takes every programs-th from p);
+    spans: output spans per token, one program each (each redoes the token's x A: more spans shorten a program
+    but repeat reads of A); block_in, block_out: features per loop step."""
 
     # bench/missed_add_tuning.py: with 0.1-0.3% of the choices missing, 256 x 4 took 14-15 us and this 26-28; under
     # a random gate (91-95% missing) this was the fastest and 256 x 4 took 2.1x its time. In the layer, with
@@ -87,8 +86,8 @@ def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, y_ref, out_ref, *, top_k, to
 
     owned = jnp.arange(owned_block)
     rows = program + owned * blocks.programs
-    missed = sum(plt.load(coef_ref.at[rows, jnp.full_like(rows, j)], mask=owned < tokens // blocks.programs,
-                          other=0) != 0 for j in range(top_k))
+    missed = sum(plt.load(coef_ref.at[rows, jnp.full_like(rows, j)], mask=rows < tokens, other=0) != 0
+                 for j in range(top_k))
 
     def next_missed(left):
         first = jnp.min(jnp.where(left > 0, owned, owned_block))
@@ -104,8 +103,8 @@ def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, y_ref, out_ref, *, top_k, to
 def missed_add(x, lora_a, lora_b, indices, coef, y, *, blocks: MissedAddBlockSizes = MissedAddBlockSizes(),
                interpret: bool = False):
     """y + the pairs with nonzero coef [T, K] (see missed_add_reference), in y's dtype. I must tile by
-    block_in, O by spans x block_out; indices must lie in [0, N). The programs are the largest divisor of T up to
-    blocks.programs. Forward only: `fused_linear` differentiates the reference form."""
+    block_in, O by spans x block_out; indices must lie in [0, N). Forward only: `fused_linear` differentiates
+    the reference form."""
     blocks.check()
     t, i = x.shape
     n, _, r = lora_a.shape
@@ -115,15 +114,14 @@ def missed_add(x, lora_a, lora_b, indices, coef, y, *, blocks: MissedAddBlockSiz
     if i % blocks.block_in or o % (blocks.spans * blocks.block_out):
         raise ValueError(f"x {x.shape} -> y {y.shape} does not tile by {blocks.block_in} inputs and "
                          f"{blocks.spans} spans of {blocks.block_out} outputs")
-    programs = math.gcd(t, blocks.programs)
-    blocks = dataclasses.replace(blocks, programs=programs)
+    blocks = dataclasses.replace(blocks, programs=max(min(blocks.programs, t), 1))
     kernel = functools.partial(_kernel, top_k=indices.shape[1], tokens=t, in_features=i, span_out=o // blocks.spans,
                                rank=r, rank_block=max(pl.next_power_of_2(r), 16),
-                               owned_block=pl.next_power_of_2(t // programs), blocks=blocks)
+                               owned_block=pl.next_power_of_2(pl.cdiv(t, blocks.programs)), blocks=blocks)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
-        grid=(programs, blocks.spans),
+        grid=(blocks.programs, blocks.spans),
         input_output_aliases={5: 0},
         compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=2),
         interpret=interpret,
