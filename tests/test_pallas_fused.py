@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meteora_jax.lora_mixture import gated_output, lora_mixture, mixture_loop
 from meteora_jax.meteora import MeteoraConfig, MeteoraDense
@@ -103,6 +105,24 @@ def test_tile_slots_keep_most_chosen_adapters_and_mark_misses():
     few_adapters, few_slot = tile_slots(indices % 2, 2, 8, 3)  # fewer adapters than slots: adapter 0 repeats
     np.testing.assert_array_equal(few_adapters, [[0, 1, 0]])
     assert int(few_slot.max()) == 1  # every choice found its slot
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), adapters=st.integers(1, 12), slots=st.integers(1, 6), top_k=st.integers(1, 3))
+def test_tile_slots_hold_each_tile_s_most_chosen_and_point_at_them(seed, adapters, slots, top_k):
+    rng = np.random.default_rng(seed)
+    tiles, tile_tokens = 3, 8
+    indices = rng.integers(0, adapters, (tiles * tile_tokens, top_k))
+    kept, slot = map(np.asarray, tile_slots(jnp.asarray(indices, jnp.int32), adapters, tile_tokens, slots))
+    for tile in range(tiles):
+        rows = slice(tile * tile_tokens, (tile + 1) * tile_tokens)
+        counts = np.bincount(indices[rows].ravel(), minlength=adapters)
+        held = slot[rows] < slots
+        # every choice in a slot points at its own adapter; the rest name adapters the tile does not keep
+        np.testing.assert_array_equal(kept[tile][slot[rows][held]], indices[rows][held])
+        assert not np.isin(indices[rows][~held], kept[tile][: min(slots, adapters)]).any()
+        # no other choice of slots holds more of the tile's choices
+        assert held.sum() == np.sort(counts)[::-1][:slots].sum()
 
 
 @pytest.mark.parametrize("programs", [1, 20])  # 20: 3 tokens per program, the last 12 programs own only 2
