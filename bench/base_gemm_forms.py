@@ -9,9 +9,7 @@ Usage: python bench/base_gemm_forms.py [--out FILE]   (GPU, Hopper)
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -21,8 +19,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from meteora_layer import environment, kernel_ms_per_call  # noqa: E402
-from result_path import default_result_path  # noqa: E402
+from block_sweep import fastest, gemm_operands, output_path, sweep, write_rows  # noqa: E402
+from meteora_layer import kernel_ms_per_call  # noqa: E402
 
 SHAPES = ((16384, 4096, 4096), (4096, 4096, 4096))
 CALLS = 10
@@ -49,31 +47,14 @@ def timed(fn, args) -> float:
     return kernel_ms_per_call(compiled, args, CALLS)
 
 
-def measured(row: dict, measure) -> dict:
-    """row plus what measure() returns, or the error of a configuration the kernel rejects (recorded, not fatal)."""
-    try:
-        row.update(measure())
-    except Exception as error:  # noqa: BLE001
-        row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-    return row
-
-
-def fastest(rows: list[dict]) -> dict | None:
-    timed_rows = [r for r in rows if r.get("kernel_ms")]
-    return min(timed_rows, key=lambda r: r["kernel_ms"]) if timed_rows else None
-
-
 def main() -> None:
     from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=None)
-    out = parser.parse_args().out or default_result_path("base_gemm_forms.json")
+    out = output_path("base_gemm_forms.json")
     rows = []
     for m, k, n in SHAPES:
         keys = jax.random.split(jax.random.key(m + n), 3)
-        x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
-        w = (jax.random.normal(keys[1], (k, n), jnp.float32) / k**0.5).astype(jnp.bfloat16)
+        x, w = gemm_operands(keys, m, k, n)
         c = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
         reference = jnp.dot(x, w, preferred_element_type=jnp.float32)
         xla_ms = timed(lambda x, w: x @ w, (x, w))
@@ -87,16 +68,14 @@ def main() -> None:
                     "kernel_ms": timed(lambda x, w: hm.matmul(x, w, None, config), (x, w)),
                     "kernel_ms_with_c": timed(lambda x, w, c: hm.matmul(x, w, c, config), (x, w, c))}
 
-        sweep = [measured({"m": m, "k": k, "n": n, "form": "mgpu", "config": repr(config)},
-                          lambda config=config: measure(config)) for config in hopper_configs()]
-        rows += sweep
-        best = fastest(sweep)
+        configs = sweep({"m": m, "k": k, "n": n, "form": "mgpu"}, "config", hopper_configs(), measure)
+        rows += configs
+        best = fastest(configs)
         mgpu = "none ran"
         if best:
             mgpu = f"{best['kernel_ms']:.3f} ms (+c {best['kernel_ms_with_c']:.3f}) {best['config']}"
         print(f"{m}x{k}->{n}: xla {xla_ms:.3f} ms (+c {xla_c_ms:.3f}); best mgpu {mgpu}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
+        write_rows(out, rows)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ Usage: python bench/missed_add_tuning.py [--out FILE]   (GPU)
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -22,10 +20,9 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from base_gemm_forms import fastest, measured  # noqa: E402
-from meteora_layer import KERNEL_TIME_RUNS, TOP_K, Case, environment, make_params, normal, route, segment_inputs  # noqa: E402
+from block_sweep import fastest, output_path, sweep, write_rows  # noqa: E402
+from meteora_layer import KERNEL_TIME_RUNS, TOP_K, Case, make_params, normal, route, segment_inputs  # noqa: E402
 from profile_events import traced_kernel_events  # noqa: E402
-from result_path import default_result_path  # noqa: E402
 
 from meteora_jax.lora_mixture import compute_gate_logits  # noqa: E402
 from meteora_jax.pallas.fused_linear import slot_count, tile_slots  # noqa: E402
@@ -66,9 +63,7 @@ def missed_coefficients(case: Case, p: dict, routing: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=None)
-    out = parser.parse_args().out or default_result_path("missed_add_tuning.json")
+    out = output_path("missed_add_tuning.json")
     rows = []
     for case, routing in itertools.product(CASES, ROUTINGS):
         p = make_params(case, jax.random.key(case.adapters), "bfloat16")
@@ -84,17 +79,15 @@ def main() -> None:
             return {"rel_err": float(jnp.linalg.norm(got - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30)),
                     "kernel_ms": kernel_ms(fn, args)}
 
-        sweep = [measured({"adapters": case.adapters, "tokens": case.tokens, "routing": routing,
-                           "missed_share": share, "blocks": repr(blocks)}, lambda blocks=blocks: measure(blocks))
-                 for blocks in block_grid()]
-        rows += sweep
-        best = fastest(sweep)
+        configs = sweep({"adapters": case.adapters, "tokens": case.tokens, "routing": routing, "missed_share": share},
+                        "blocks", block_grid(), measure)
+        rows += configs
+        best = fastest(configs)
         summary = f"best {best['kernel_ms'] * 1e3:.1f} us err {best['rel_err']:.1e} {best['blocks']}" if best else ""
         print(f"N={case.adapters} T={case.tokens} {routing} ({share:.2%} of choices missed): {summary}")
-        for row in sweep:
+        for row in configs:
             print(f"    {row.get('kernel_ms', 0) * 1e3:8.1f} us  {row['blocks']}  {row.get('error', '')}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
+        write_rows(out, rows)
 
 
 if __name__ == "__main__":

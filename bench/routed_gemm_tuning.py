@@ -6,9 +6,7 @@ Usage: python bench/routed_gemm_tuning.py [--out FILE]   (GPU, Hopper)
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -18,9 +16,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from base_gemm_forms import fastest, measured, timed  # noqa: E402
-from meteora_layer import environment  # noqa: E402
-from result_path import default_result_path  # noqa: E402
+from base_gemm_forms import timed  # noqa: E402
+from block_sweep import fastest, gemm_operands, output_path, sweep, write_rows  # noqa: E402
 
 from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes, routed_gemm, routed_gemm_reference  # noqa: E402
 
@@ -36,14 +33,11 @@ def block_grid():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=None)
-    out = parser.parse_args().out or default_result_path("routed_gemm_tuning.json")
+    out = output_path("routed_gemm_tuning.json")
     rows = []
     for t, i, o in SHAPES:
         keys = jax.random.split(jax.random.key(t + o), 4)
-        x = jax.random.normal(keys[0], (t, i), jnp.bfloat16)
-        w = (jax.random.normal(keys[1], (i, o)) / i**0.5).astype(jnp.bfloat16)
+        x, w = gemm_operands(keys, t, i, o)
         h = jax.random.normal(keys[2], (t, EXTENSION), jnp.bfloat16)
         xla_ms = timed(lambda x, w: x @ w, (x, w))
         rows.append({"t": t, "i": i, "o": o, "form": "xla_dot", "kernel_ms": xla_ms})
@@ -56,14 +50,12 @@ def main() -> None:
             return {"rel_err": float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)),
                     "kernel_ms": timed(lambda x, w, h, b: routed_gemm(x, w, h, b, blocks=blocks), (x, w, h, b_tile))}
 
-        sweep = [measured({"t": t, "i": i, "o": o, "form": "routed_gemm", "blocks": repr(blocks)},
-                          lambda blocks=blocks: measure(blocks)) for blocks in block_grid()]
-        rows += sweep
-        best = fastest(sweep)
+        configs = sweep({"t": t, "i": i, "o": o, "form": "routed_gemm"}, "blocks", block_grid(), measure)
+        rows += configs
+        best = fastest(configs)
         summary = f"best {best['kernel_ms']:.3f} ms err {best['rel_err']:.1e} {best['blocks']}" if best else "none ran"
         print(f"{t}x{i}->{o}: xla dot {xla_ms:.3f} ms; routed_gemm {summary}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
+        write_rows(out, rows)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,7 @@ Usage: python bench/tile_shrink_tuning.py [--out FILE]   (GPU)
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -19,9 +17,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from base_gemm_forms import fastest, measured  # noqa: E402
-from meteora_layer import TOP_K, Case, environment, kernel_ms_per_call, make_params, route, segment_inputs  # noqa: E402
-from result_path import default_result_path  # noqa: E402
+from block_sweep import fastest, output_path, sweep, write_rows  # noqa: E402
+from meteora_layer import TOP_K, Case, kernel_ms_per_call, make_params, route, segment_inputs  # noqa: E402
 
 from meteora_jax.lora_mixture import compute_gate_logits  # noqa: E402
 from meteora_jax.pallas.fused_linear import slot_coefficients, slot_count, tile_slots  # noqa: E402
@@ -38,9 +35,7 @@ def block_grid():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=None)
-    out = parser.parse_args().out or default_result_path("tile_shrink_tuning.json")
+    out = output_path("tile_shrink_tuning.json")
     rows = []
     for case in CASES:
         p = make_params(case, jax.random.key(case.adapters), "bfloat16")
@@ -61,14 +56,13 @@ def main() -> None:
             return {"rel_err": float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)),
                     "kernel_ms": kernel_ms_per_call(fn.lower(*args).compile(), args, 1)}
 
-        sweep = [measured({"adapters": case.adapters, "tokens": case.tokens, "form": "tile_shrink",
-                           "blocks": repr(blocks)}, lambda blocks=blocks: measure(blocks)) for blocks in block_grid()]
-        rows += sweep
-        best = fastest(sweep)
+        configs = sweep({"adapters": case.adapters, "tokens": case.tokens, "form": "tile_shrink"}, "blocks",
+                        block_grid(), measure)
+        rows += configs
+        best = fastest(configs)
         summary = f"best {best['kernel_ms'] * 1e3:.1f} us err {best['rel_err']:.1e} {best['blocks']}" if best else ""
         print(f"N={case.adapters} T={case.tokens}: xla {xla_ms * 1e3:.1f} us; tile_shrink {summary}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
+        write_rows(out, rows)
 
 
 if __name__ == "__main__":
