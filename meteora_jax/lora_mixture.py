@@ -246,10 +246,6 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
         return y, jnp.zeros((0, lora_a.shape[0]), jnp.float32), jnp.zeros((0, top_k), jnp.int32)
     if strategy == "auto":
         strategy = pick_strategy(lora_a.shape[0], lora_a.shape[-1], x.shape[0], x.dtype)
-    if strategy == "fused":
-        logits = compute_gate_logits(x, gate)
-        indices, weights = route(logits, top_k, temperature)
-        return fused_output(x, base_kernel, lora_a, lora_b, scaling, indices, weights), logits, indices
     if strategy == "dense" and x.dtype == jnp.bfloat16:
         # The delta in y's dtype straight from the matmul: y + delta then becomes the matmul's epilogue
         # (cuBLAS's C operand) instead of a separate pass over [M, O] (bench/NOTES.md).
@@ -265,6 +261,8 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
         return _pallas_dense_expand(x, y, gate, lora_a, lora_b, scaling, top_k, temperature)
     logits = compute_gate_logits(x, gate)
     indices, weights = route(logits, top_k, temperature)
+    if strategy == "fused":
+        return fused_output(x, base_kernel, lora_a, lora_b, scaling, indices, weights), logits, indices
     if strategy == "pallas":
         from meteora_jax.pallas.mixture import mixture_pallas_add  # Pallas imports stay off the default path
 

@@ -15,7 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add, missed_add_reference
+from meteora_jax.pallas.lora_gather import lora_gather_reference
+from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add
 from meteora_jax.pallas.routed_gemm import LANE, RoutedGemmBlockSizes, routed_gemm
 from meteora_jax.pallas.tile_shrink import tile_shrink
 
@@ -93,14 +94,15 @@ def _add_missed(x, y, lora_a, lora_b, indices, missed, interpret):
 
 
 def _add_missed_forward(x, y, lora_a, lora_b, indices, missed, interpret):
-    return _add_missed(x, y, lora_a, lora_b, indices, missed, interpret), (x, y, lora_a, lora_b, indices, missed)
+    # y passes straight through (its cotangent is g), so it is no residual: one [T, O] buffer less to keep.
+    return _add_missed(x, y, lora_a, lora_b, indices, missed, interpret), (x, lora_a, lora_b, indices, missed)
 
 
 def _add_missed_backward(interpret, residuals, g):
-    x, y, lora_a, lora_b, indices, missed = residuals
-    _, vjp = jax.vjp(lambda x, y, a, b, c: missed_add_reference(x, a, b, indices, c, y), x, y, lora_a, lora_b, missed)
-    dx, dy, da, db, dc = vjp(g)
-    return dx, dy, da, db, None, dc
+    x, lora_a, lora_b, indices, missed = residuals
+    _, vjp = jax.vjp(lambda x, a, b, c: lora_gather_reference(x, a, b, indices, c), x, lora_a, lora_b, missed)
+    dx, da, db, dc = vjp(g.astype(jnp.float32))
+    return dx, g, da, db, None, dc
 
 
 _add_missed.defvjp(_add_missed_forward, _add_missed_backward)
