@@ -178,12 +178,14 @@ def test_bfloat16_dense_layer_with_folded_gate_matches_loop(rng):
     config = tiny_config().replace(dtype="bfloat16")
     model = LlamaForCausalLM(config, linear=MeteoraLinear(mcfg))
     _, _, params = meteora_model()
-    # Well-separated gate logits: the folded and the float32 gate may round a near-tie differently.
-    params = jax.tree_util.tree_map_with_path(lambda p, x: x * 200 if p[-1].key == "gate" else x, params)
+    # Every adapter mixed (top_k = N): with a top-2 pick, the two forms' bfloat16 roundings flip a near-tie in
+    # about 1 input in 100 and that token's output moves by 10%. Gates scaled so their weights matter: uniform
+    # weights would put the output 7% or more away from the loop's; the two forms differ by under 0.5%.
+    params = jax.tree_util.tree_map_with_path(lambda p, x: x * 10 if p[-1].key == "gate" else x, params)
     tokens = rng.integers(3, 97, (2, 7))
-    folded, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
-    loop, _ = model.apply({"params": params}, tokens, routing=Routing(strategy="loop"))
-    assert rel_error(folded[0], loop) < 3e-2
+    folded, state = model.apply({"params": params}, tokens, routing=Routing(top_k=N), mutable=["intermediates"])
+    loop, _ = model.apply({"params": params}, tokens, routing=Routing(strategy="loop", top_k=N))
+    assert rel_error(folded[0], loop) < 2e-2
     logits = state["intermediates"]["layers_0"]["mlp"]["up_proj"]["gate_logits"][0]
     assert logits.dtype == jnp.float32 and logits.shape == (2, 7, N)
 
