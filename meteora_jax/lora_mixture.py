@@ -323,14 +323,14 @@ def pick_strategy(num_adapters: int, rank: int, tokens: int | None = None, dtype
 
 
 def _fits_fused(fused_shape: tuple[int, int] | None, rank: int) -> bool:
-    if fused_shape is None or not _on_hopper():
+    if fused_shape is None or not on_hopper():
         return False
     in_features, out_features = fused_shape
     return in_features % FUSED_INPUT_MULTIPLE == 0 and out_features % FUSED_OUTPUT_MULTIPLE == 0 and (
         rank <= FUSED_MAX_RANK)
 
 
-def _on_hopper() -> bool:
+def on_hopper() -> bool:
     """The routed GEMM is built from Hopper instructions (wgmma, TMA): compute capability 9.0 (H100, H200)."""
     return getattr(jax.devices()[0], "compute_capability", None) == "9.0"
 

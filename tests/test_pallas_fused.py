@@ -75,6 +75,17 @@ def test_routed_gemm_rejects_bad_operands():
         routed_gemm(x.astype(jnp.float32), w, h, b_tile, blocks=SMALL_GEMM, interpret=True)
     with pytest.raises(ValueError, match="tile_n=96 must be a multiple of 64"):
         RoutedGemmBlockSizes(tile_n=96)
+
+
+def test_routed_gemm_names_the_gpu_it_needs(monkeypatch):
+    from meteora_jax.pallas import routed_gemm as module
+
+    monkeypatch.setattr(module, "on_hopper", lambda: False)
+    rng = np.random.default_rng(2)
+    # Shapes no other test compiles, so the check runs at this trace.
+    x, w, h, b_tile = normal(rng, (128, 64)), normal(rng, (64, 128)), normal(rng, (128, 64)), normal(rng, (2, 64, 128))
+    with pytest.raises(ValueError, match=r"runs on a Hopper GPU \(compute capability 9.0: H100, H200\).*found"):
+        routed_gemm(x, w, h, b_tile, blocks=SMALL_GEMM, interpret=False)
     with pytest.raises(ValueError, match="split='k'"):
         RoutedGemmBlockSizes(split="k")
 
@@ -223,7 +234,7 @@ def test_auto_takes_fused_for_long_bfloat16_prompts_where_its_tiles_fit(monkeypa
     assert fused_limits == (blocks.tile_k, blocks.tile_outputs, LANE)
     assert lora_mixture.FUSED_TILE_TOKENS == blocks.tile_tokens  # train.gates reports the GEMM's own tiles
     monkeypatch.setattr(lora_mixture.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(lora_mixture, "_on_hopper", lambda: True)
+    monkeypatch.setattr(lora_mixture, "on_hopper", lambda: True)
     pick, bf16, square = lora_mixture.pick_strategy, jnp.bfloat16, (4096, 4096)
     long = lora_mixture.FUSED_MIN_TOKENS
     assert pick(256, 8, long, bf16, square) == "fused"
@@ -236,7 +247,7 @@ def test_auto_takes_fused_for_long_bfloat16_prompts_where_its_tiles_fit(monkeypa
     assert pick(256, 8, long, bf16, (4000, 4096)) == "bmm"
     assert pick(8, 128, long, bf16, square) == "bmm"  # rank past the GEMM's 64 columns
     assert pick(28, 8, 16, bf16, square) == "pallas"  # the decode kernels
-    monkeypatch.setattr(lora_mixture, "_on_hopper", lambda: False)
+    monkeypatch.setattr(lora_mixture, "on_hopper", lambda: False)
     assert pick(256, 8, long, bf16, square) == "bmm"  # the routed GEMM needs Hopper's wgmma and TMA
 
 

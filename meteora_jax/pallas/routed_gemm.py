@@ -26,6 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from meteora_jax.lora_mixture import on_hopper
+
 # The copy engine moves and wgmma reads 128-byte swizzled rows: 64 bfloat16 values.
 SWIZZLE_BYTES = 128
 LANE = 64
@@ -198,6 +200,12 @@ def routed_gemm(x, w, h, b_tile, *, blocks: RoutedGemmBlockSizes = RoutedGemmBlo
     x [T, I], w [I, O], h [T, 64], b_tile [T // blocks.tile_tokens, 64, O]. T, O and I must tile by
     blocks.tile_tokens, blocks.tile_outputs and blocks.tile_k."""
     check_shapes(x, w, h, b_tile, blocks)
+    if not interpret and not on_hopper():
+        device = jax.devices()[0]
+        found = f"{device.device_kind} (compute capability {getattr(device, 'compute_capability', 'none')})"
+        raise ValueError(f"the routed GEMM of strategy 'fused' runs on a Hopper GPU (compute capability 9.0: H100, "
+                         f"H200), or interpreted (interpret=True); found {found}. Strategy 'auto' or 'pallas' "
+                         "runs anywhere")
     return _differentiable(x, w, h, b_tile, blocks, interpret)
 
 
