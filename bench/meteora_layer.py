@@ -14,8 +14,9 @@ dispatch between them; their median_ms is divided down to one layer call, their 
 every case the profiler's kernel time per call is recorded too: the device's busy time, without the
 launch gaps between kernels that dominate the wall time of a few-token layer, and without the host's
 dispatch jitter that puts outliers into the wall-time samples of large ones. Temporary memory is the
-compiled executable's temp_size_in_bytes. Variants whose compiled temporaries exceed 60 GB are skipped;
-out-of-memory at run time is recorded as "oom".
+compiled executable's temp_size_in_bytes, which counts the workspace XLA gives cuBLAS GEMMs (up to 32 MiB on
+Hopper; the largest is recorded as cublas_workspace_bytes). Variants whose compiled temporaries exceed 60 GB are
+skipped; out-of-memory at run time is recorded as "oom".
 
 Routing: the random gate spreads each token's two slots over random adapters (the worst case for the
 grouped kernels). `--segment-tokens L` instead feeds cases of more than 256 tokens runs of L tokens that
@@ -48,6 +49,7 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -257,6 +259,15 @@ def temp_bytes(compiled) -> int | None:
     return getattr(analysis, "temp_size_in_bytes", None)
 
 
+def largest_cublas_workspace(hlo_text: str) -> int:
+    """Bytes of the largest workspace XLA gives a cuBLAS GEMM in this optimized HLO (0 if none): XLA appends an
+    s8 buffer of up to 32 MiB on Hopper to each cuBLAS custom call's outputs, and it counts as temporaries.
+    The largest, not the sum: the GEMMs run one after another, so their workspaces may share one buffer."""
+    sizes = [int(size) for line in hlo_text.splitlines() if 'custom_call_target="__cublas' in line
+             for size in re.findall(r"\bs8\[(\d+)\]", line.split("custom-call(")[0])]
+    return max(sizes, default=0)
+
+
 def is_oom(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
 
@@ -312,7 +323,8 @@ def measure_variant(variant: str, inputs: Sequence[tuple], plan: Plan) -> dict[s
         start = time.perf_counter()
         compiled = jax.jit(layer).lower(*inputs[0]).compile()
         compile_s = round(time.perf_counter() - start, 2)
-        result: dict[str, Any] = {"compile_s": compile_s, "temp_bytes": temp_bytes(compiled)}
+        result: dict[str, Any] = {"compile_s": compile_s, "temp_bytes": temp_bytes(compiled),
+                                  "cublas_workspace_bytes": largest_cublas_workspace(compiled.as_text())}
         if result["temp_bytes"] is not None and result["temp_bytes"] > TEMP_LIMIT_BYTES:
             return {**result, "status": f"skipped: {result['temp_bytes'] / 1e9:.1f} GB of temporaries"}
         timing = time_compiled(compiled, inputs, plan)

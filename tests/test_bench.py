@@ -33,6 +33,23 @@ def test_layer_benchmark_smoke_run_with_bfloat16_gates(tmp_path):
             assert row["status"] == "ok" and row["median_ms"] > 0, (case, variant)
 
 
+def test_layer_benchmark_finds_the_largest_cublas_workspace():
+    from meteora_layer import largest_cublas_workspace
+
+    hlo = "\n".join([
+        '%custom-call.1 = (bf16[1024,1024]{1,0}, s8[33554432]{0}) custom-call(bf16[1024,4096]{1,0} %x, '
+        'bf16[4096,1024]{1,0} %g), custom_call_target="__cublas$gemm", backend_config={}',
+        '%custom-call.2 = (f32[64,64]{1,0}, s8[4194304]{0}) custom-call(f32[64,64]{1,0} %a, f32[64,64]{1,0} %b), '
+        'custom_call_target="__cublas$lt$matmul"',
+        '%custom-call.3 = (bf16[64,64]{1,0}, s8[67108864]{0}) custom-call(s8[99999999]{0} %c), '
+        'custom_call_target="mosaic_gpu"',  # another kernel's scratch is not a cuBLAS workspace
+        '%custom-call.4 = (f32[8,8]{1,0}, s8[16]{0}) custom-call(s8[99999999]{0} %d), '
+        'custom_call_target="__cublas$gemm"',  # operands are not outputs
+    ])
+    assert largest_cublas_workspace(hlo) == 33554432
+    assert largest_cublas_workspace(hlo.splitlines()[2]) == 0
+
+
 @pytest.mark.parametrize("flag,value", [("--gate-tiles", "256"), ("--gate-tiles", "256x"), ("--cases", "1:1024"),
                                         ("--warps", "four")])
 def test_decode_tuning_names_a_malformed_argument(flag, value, capsys):
