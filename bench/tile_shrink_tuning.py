@@ -30,7 +30,8 @@ TILE_TOKENS = RoutedGemmBlockSizes().tile_tokens
 
 
 def block_grid():
-    for tokens, block_in, warps, splits in itertools.product((64, 128), (128, 256), (4, 8), (1, 4, 8, 16)):
+    # 256 tokens: a whole routing tile per program, so each gathered block of A serves 4x the tokens.
+    for tokens, block_in, warps, splits in itertools.product((64, 128, 256), (128, 256), (4, 8), (1, 4, 8, 16)):
         yield TileShrinkBlockSizes(block_tokens=tokens, block_in=block_in, num_warps=warps, splits=splits)
 
 
