@@ -105,6 +105,26 @@ def test_tile_shrink_matches_reference_interpreted(rank, in_features, splits):
     np.testing.assert_array_equal(np.asarray(ours[:, slots * rank:], np.float32), 0)
 
 
+def test_tile_shrink_gradients_match_reference():
+    rng = np.random.default_rng(6)
+    t, n, i, rank, tile = 128, 4, 48, 12, 64  # 5 slots of 12: columns 60-63 are padding
+    x, a = normal(rng, (t, i)), normal(rng, (n, i, rank))
+    adapters = jnp.asarray([[0, 2, 2, 3, 1], [3, 0, 1, 1, 2]], jnp.int32)  # repeats: their A gradients add up
+    coef = jnp.asarray(rng.standard_normal((t, 5)), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((t, 64)), jnp.float32)
+    blocks = TileShrinkBlockSizes(block_tokens=32, block_in=16)
+
+    def loss(shrink, x, a, coef):
+        return jnp.sum(shrink(x, a, coef).astype(jnp.float32) * cotangent)
+
+    grads = jax.grad(loss, argnums=(1, 2, 3))(
+        lambda x, a, c: tile_shrink(x, a, adapters, c, tile_tokens=tile, blocks=blocks, interpret=INTERPRET), x, a,
+        coef)
+    refs = jax.grad(loss, argnums=(1, 2, 3))(lambda x, a, c: tile_shrink_reference(x, a, adapters, c), x, a, coef)
+    for name, g, ref, dtype in zip(("x", "lora_a", "coef"), grads, refs, (jnp.bfloat16, jnp.bfloat16, jnp.float32)):
+        assert g.dtype == dtype and rel_error(g, ref) < 1e-2, name
+
+
 def test_tile_slots_keep_most_chosen_adapters_and_mark_misses():
     indices = jnp.asarray([[3, 1], [1, 0], [5, 2], [7, 4], [6, 6], [1, 2], [0, 2], [2, 0]], jnp.int32)
     adapters, slot = tile_slots(indices, num_adapters=8, tile_tokens=4, slots=3)
@@ -167,17 +187,19 @@ def test_fused_linear_matches_loop_with_gradients(case):
     adapters, slot = tile_slots(jnp.pad(indices, ((0, 28), (0, 0))), n, SMALL_GEMM.tile_tokens, 4)
     assert bool(jnp.any(slot >= 4)) == (case == "runs past the slots")
 
-    def fused(x, weights):
+    def fused(x, weights, w, a, b):
         return fused_linear(x, w, a, b, scaling, indices, weights, blocks=SMALL_GEMM, interpret=INTERPRET)
 
-    ours = fused(x, weights)
+    operands = (x, weights, w, a, b)
+    ours = fused(*operands)
     assert ours.shape == (t, o) and ours.dtype == jnp.bfloat16
     assert rel_error(ours, reference_layer(x, w, a, b, scaling, indices, weights)) < 1e-2
     cotangent = jnp.asarray(rng.standard_normal((t, o)), jnp.float32)
-    grads = jax.grad(lambda x, wt: jnp.sum(fused(x, wt).astype(jnp.float32) * cotangent), argnums=(0, 1))(x, weights)
-    refs = jax.grad(lambda x, wt: jnp.sum(reference_layer(x, w, a, b, scaling, indices, wt) * cotangent),
-                    argnums=(0, 1))(x, weights)
-    for name, g, ref in zip(("x", "weights"), grads, refs):
+    # Gate training needs x's and the weights' gradients; LoRA training (forced routing) the adapters'.
+    grads = jax.grad(lambda *v: jnp.sum(fused(*v).astype(jnp.float32) * cotangent), argnums=range(5))(*operands)
+    refs = jax.grad(lambda x, wt, w, a, b: jnp.sum(reference_layer(x, w, a, b, scaling, indices, wt) * cotangent),
+                    argnums=range(5))(*operands)
+    for name, g, ref in zip(("x", "weights", "w", "lora_a", "lora_b"), grads, refs):
         assert rel_error(g, ref) < 2e-2, name
 
 

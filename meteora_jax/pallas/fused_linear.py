@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from meteora_jax.lora_mixture import lora_mixture, pick_strategy
 from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add
-from meteora_jax.pallas.routed_gemm import LANE, RoutedGemmBlockSizes, routed_gemm
+from meteora_jax.pallas.routed_gemm import LANE, RoutedGemmBlockSizes, routed_gemm, routed_gemm_reference
 from meteora_jax.pallas.tile_shrink import tile_shrink
 
 
@@ -76,12 +76,38 @@ def fused_linear(x, w, lora_a, lora_b, scaling, indices, weights, *,
     in_slots = slot < slots
 
     h = tile_shrink(x, lora_a, adapters, per_slot, tile_tokens=blocks.tile_tokens, interpret=interpret)
-    b_tile = lora_b[adapters].reshape(adapters.shape[0], slots * r, -1)
-    b_tile = jnp.pad(b_tile, ((0, 0), (0, LANE - slots * r), (0, 0)))
-    y = routed_gemm(x, w, h, b_tile, blocks=blocks, interpret=interpret)
+    y = _routed_gemm_of_slots(x, w, h, lora_b, adapters, blocks, interpret)
 
     missed = jnp.where(in_slots, 0, per_choice)
     return _add_missed(x, y, lora_a, lora_b, indices, missed, interpret)[:t]
+
+
+def slot_rows(lora_b, adapters):
+    """b_tile [tiles, 64, O]: each tile's slots' B rows, zero past slots x r."""
+    tiles, slots = adapters.shape
+    r = lora_b.shape[1]
+    b_tile = lora_b[adapters].reshape(tiles, slots * r, -1)
+    return jnp.pad(b_tile, ((0, 0), (0, LANE - slots * r), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _routed_gemm_of_slots(x, w, h, lora_b, adapters, blocks, interpret):
+    """routed_gemm over the slots' B rows, which the backward gathers again rather than keeping (a residual
+    [tiles, 64, O] is a quarter of the output's bytes)."""
+    return routed_gemm(x, w, h, slot_rows(lora_b, adapters), blocks=blocks, interpret=interpret)
+
+
+def _routed_gemm_of_slots_forward(x, w, h, lora_b, adapters, blocks, interpret):
+    return _routed_gemm_of_slots(x, w, h, lora_b, adapters, blocks, interpret), (x, w, h, lora_b, adapters)
+
+
+def _routed_gemm_of_slots_backward(blocks, interpret, residuals, g):
+    x, w, h, lora_b, adapters = residuals
+    _, vjp = jax.vjp(lambda x, w, h, b: routed_gemm_reference(x, w, h, slot_rows(b, adapters)), x, w, h, lora_b)
+    return (*vjp(g), None)
+
+
+_routed_gemm_of_slots.defvjp(_routed_gemm_of_slots_forward, _routed_gemm_of_slots_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

@@ -102,9 +102,21 @@ def _forward(x, lora_a, adapters, coef, tile_tokens, blocks, interpret):
 
 
 def _backward(tile_tokens, blocks, interpret, residuals, g):
+    # The forward's precision, bfloat16 products with float32 sums, where differentiating the float32 reference
+    # would keep a float32 copy of x and run float32 matmuls.
     x, lora_a, adapters, coef = residuals
-    _, vjp = jax.vjp(lambda x, a, c: tile_shrink_reference(x, a, adapters, c), x, lora_a, coef)
-    dx, da, dcoef = vjp(g.astype(jnp.float32))
+    tiles, slots = adapters.shape
+    t, i = x.shape
+    r = lora_a.shape[-1]
+    x_tiles = x.reshape(tiles, t // tiles, i)
+    a_slots = lora_a.astype(x.dtype)[adapters]  # [tiles, U, I, r]
+    xa = jnp.einsum("GTI,GUIR->GTUR", x_tiles, a_slots, preferred_element_type=jnp.float32)
+    g = g[:, : slots * r].astype(jnp.float32).reshape(tiles, t // tiles, slots, r)
+    dcoef = jnp.sum(xa * g, axis=-1).reshape(t, slots)
+    dxa = (g * coef.reshape(tiles, t // tiles, slots)[..., None]).astype(x.dtype)
+    dx = jnp.einsum("GTUR,GUIR->GTI", dxa, a_slots, preferred_element_type=jnp.float32).reshape(t, i)
+    da_slots = jnp.einsum("GTI,GTUR->GUIR", x_tiles, dxa, preferred_element_type=jnp.float32)
+    da = jnp.zeros(lora_a.shape, jnp.float32).at[adapters].add(da_slots)
     return dx.astype(x.dtype), da.astype(lora_a.dtype), None, dcoef
 
 
