@@ -37,8 +37,8 @@ def test_layer_benchmark_finds_the_largest_cublas_workspace():
     from meteora_layer import largest_cublas_workspace
 
     hlo = "\n".join([
-        '%custom-call.1 = (bf16[1024,1024]{1,0}, s8[33554432]{0}) custom-call(bf16[1024,4096]{1,0} %x, '
-        'bf16[4096,1024]{1,0} %g), custom_call_target="__cublas$gemm", backend_config={}',
+        '%custom-call.1 = (bf16[1024,4096]{1,0}, s8[33554432]{0}) custom-call(bf16[1024,4096]{1,0} %x, '
+        'bf16[4096,4096]{1,0} %w), custom_call_target="__cublas$gemm", backend_config={}',
         '%custom-call.2 = (f32[64,64]{1,0}, s8[4194304]{0}) custom-call(f32[64,64]{1,0} %a, f32[64,64]{1,0} %b), '
         'custom_call_target="__cublas$lt$matmul"',
         '%custom-call.3 = (bf16[64,64]{1,0}, s8[67108864]{0}) custom-call(s8[99999999]{0} %c), '

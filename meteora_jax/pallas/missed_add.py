@@ -103,8 +103,8 @@ def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, y_ref, out_ref, *, top_k, to
 def missed_add(x, lora_a, lora_b, indices, coef, y, *, blocks: MissedAddBlockSizes = MissedAddBlockSizes(),
                interpret: bool = False):
     """y + the pairs with nonzero coef [T, K] (see missed_add_reference), in y's dtype. I must tile by
-    block_in, O by spans x block_out; indices must lie in [0, N). Forward only: `fused_linear` differentiates
-    the reference form."""
+    block_in, O by spans x block_out; indices must lie in [0, N). Forward only: `missed_add_vjp` gives its
+    gradients."""
     blocks.check()
     t, i = x.shape
     n, _, r = lora_a.shape
@@ -127,3 +127,62 @@ def missed_add(x, lora_a, lora_b, indices, coef, y, *, blocks: MissedAddBlockSiz
         interpret=interpret,
         name="meteora_missed_add",
     )(indices.astype(jnp.int32), coef.astype(jnp.float32), x, lora_a, lora_b, y)
+
+
+# Missed pairs per step of the backward's loop: its temporaries hold this many pairs' copies of A and B.
+BACKWARD_PAIRS_PER_STEP = 256
+
+
+def missed_add_vjp(x, lora_a, lora_b, indices, coef, g):
+    """(dx, dA, dB, dcoef) of missed_add for y's cotangent g [T, O], from the pairs with nonzero coef alone.
+
+    Those pairs are moved to the front and taken BACKWARD_PAIRS_PER_STEP at a time by a loop that stops after
+    the last one, so the cost follows the misses (0.2% of the pairs under trained gates) and the temporaries
+    stay at one step's gathered adapters: a per-token gather of every pair would copy [T, K, I, r] and
+    [T, K, r, O]. Products in x's dtype with float32 sums. dA and dB, wanted only when the adapters train, come
+    from a loop of their own, which XLA drops when nothing uses them. dcoef is zero where coef is: in
+    `fused_linear` those are the choices held by their tile's slots (masked there anyway) and choices of routing
+    weight exactly 0, whose softmax derivative is 0 too."""
+    t, k = indices.shape
+    step = BACKWARD_PAIRS_PER_STEP
+    flat_coef = coef.reshape(-1).astype(jnp.float32)
+    flat_adapter = indices.reshape(-1).astype(jnp.int32)
+    count = jnp.sum(flat_coef != 0)
+    order = jnp.pad(jnp.argsort(flat_coef == 0, stable=True), (0, -(t * k) % step))  # the padding is past count
+    g = g.astype(x.dtype)
+
+    def gathered(start):
+        pair = jax.lax.dynamic_slice(order, (start,), (step,))
+        live = start + jnp.arange(step) < count
+        token, adapter = pair // k, flat_adapter[pair]
+        c = jnp.where(live, flat_coef[pair], 0.0)
+        a, b = lora_a[adapter].astype(x.dtype), lora_b[adapter].astype(x.dtype)
+        xa = jnp.einsum("PI,PIR->PR", x[token], a, preferred_element_type=jnp.float32)
+        gb = jnp.einsum("PO,PRO->PR", g[token], b, preferred_element_type=jnp.float32)
+        return pair, live, token, adapter, c, a, xa, gb
+
+    def over_missed(update, init):
+        def body(carry):
+            start, acc = carry
+            return start + step, update(gathered(start), acc)
+
+        return jax.lax.while_loop(lambda carry: carry[0] < count, body, (0, init))[1]
+
+    def input_grads(pairs, acc):  # y += c (x A) B: dc = (x A) . (g B^T), dx = c (g B^T) A^T
+        pair, live, token, _, c, a, xa, gb = pairs
+        dx, dcoef = acc
+        dcoef = dcoef.at[pair].add(jnp.where(live, jnp.sum(xa * gb, axis=-1), 0.0))
+        dx_pairs = jnp.einsum("PR,PIR->PI", (gb * c[:, None]).astype(x.dtype), a, preferred_element_type=jnp.float32)
+        return dx.at[token].add(dx_pairs.astype(x.dtype)), dcoef
+
+    def adapter_grads(pairs, acc):  # dA = c x^T (g B^T), dB = c (x A)^T g
+        _, _, token, adapter, c, _, xa, gb = pairs
+        da, db = acc
+        da = da.at[adapter].add(jnp.einsum("PI,PR->PIR", x[token].astype(jnp.float32), gb * c[:, None]))
+        db = db.at[adapter].add(jnp.einsum("PR,PO->PRO", xa * c[:, None], g[token].astype(jnp.float32)))
+        return da, db
+
+    # dx sums in x's dtype: a token takes at most K additions, and a float32 [T, I] would match x's own bytes.
+    dx, dcoef = over_missed(input_grads, (jnp.zeros_like(x), jnp.zeros(t * k, jnp.float32)))
+    da, db = over_missed(adapter_grads, (jnp.zeros(lora_a.shape, jnp.float32), jnp.zeros(lora_b.shape, jnp.float32)))
+    return dx, da.astype(lora_a.dtype), db.astype(lora_b.dtype), dcoef.reshape(t, k)
