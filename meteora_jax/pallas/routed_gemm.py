@@ -228,9 +228,14 @@ def _backward(blocks, interpret, residuals, g):
 _differentiable.defvjp(_forward, _backward)
 
 
+def program_count(interpret: bool) -> int:
+    """Persistent programs: one per streaming multiprocessor of the GPU."""
+    return INTERPRET_PROGRAMS if interpret else jax.devices()[0].core_count
+
+
 def _call(x, w, h, b_tile, blocks, interpret):
     t, o = x.shape[0], w.shape[1]
-    programs = INTERPRET_PROGRAMS if interpret else jax.devices()[0].core_count
+    programs = program_count(interpret)
     return plgpu.kernel(
         functools.partial(_kernel, blocks=blocks),
         out_type=jax.ShapeDtypeStruct((t, o), x.dtype),

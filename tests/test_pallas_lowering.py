@@ -1,0 +1,74 @@
+"""Every GPU kernel lowers for CUDA, checked on the CPU: interpret mode runs a kernel's semantics but not Pallas'
+Triton and Mosaic GPU lowerings, which reject operations the interpreter accepts. jax lowers for a platform this
+machine lacks; compiling the lowered kernels to GPU code still needs the GPU (the `gpu` tests)."""
+
+import importlib
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from meteora_jax.pallas.decode_layer import decode_layer
+from meteora_jax.pallas.dense_expand import dense_expand_add
+from meteora_jax.pallas.fused_linear import fused_linear
+from meteora_jax.pallas.mixture import mixture_pallas
+
+IN, OUT, N, R = 128, 256, 6, 8
+
+
+def spec(shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def mixture_operands(tokens):
+    return (spec((tokens, IN)), spec((N, IN, R)), spec((N, R, OUT)), spec((N,), jnp.float32),
+            spec((tokens, 2), jnp.int32), spec((tokens, 2), jnp.float32))
+
+
+def mixture_forward_and_backward(*operands):
+    def loss(x, weights):
+        return jnp.sum(mixture_pallas(x, a, b, scaling, indices, weights, interpret=False))
+
+    x, a, b, scaling, indices, weights = operands
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, weights)
+
+
+def fused_forward_and_backward(x, w, a, b, scaling, indices, weights):
+    def loss(x, weights):
+        return jnp.sum(fused_linear(x, w, a, b, scaling, indices, weights, interpret=False).astype(jnp.float32))
+
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, weights)
+
+
+def decode(x, gate, y, a, b, scaling):
+    return decode_layer(x, gate, y, a, b, scaling, top_k=2, temperature=1.0, interpret=False)
+
+
+def dense_expand(h, b, y):
+    return dense_expand_add(h, b, y, interpret=False)
+
+
+CASES = {
+    "pallas mixture, decode (gather kernel)": (mixture_forward_and_backward, mixture_operands(4), {"triton"}),
+    "pallas mixture, prefill (segment kernels)": (mixture_forward_and_backward, mixture_operands(64), {"triton"}),
+    "decode layer (gate, routing, shrink, expand)": (
+        decode, (spec((4, IN)), spec((IN, N), jnp.float32), spec((4, OUT)), spec((N, IN, R)), spec((N, R, OUT)),
+                 spec((N,), jnp.float32)), {"triton"}),
+    "dense expand": (dense_expand, (spec((64, N * R)), spec((N * R, OUT)), spec((64, OUT))), {"triton"}),
+    "fused (tile shrink, routed GEMM, missed add)": (
+        fused_forward_and_backward, (spec((256, IN)), spec((IN, OUT)), *mixture_operands(256)[1:]),
+        {"triton", "mosaic_gpu"}),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_kernels_lower_for_cuda(name, monkeypatch):
+    routed_gemm = importlib.import_module("meteora_jax.pallas.routed_gemm")
+    monkeypatch.setattr(routed_gemm, "on_hopper", lambda: True)
+    monkeypatch.setattr(routed_gemm, "program_count", lambda interpret: 132)  # an H100's multiprocessors
+    fn, operands, backends = CASES[name]
+    module = jax.jit(fn).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
+    calls = set(re.findall(r"stablehlo.custom_call @([\w$.]+)", module))
+    # Triton kernels: __gpu$xla.gpu.triton; Mosaic GPU kernels: mosaic_gpu, versioned (mosaic_gpu_v2 in jax 0.10).
+    assert {backend for backend in ("triton", "mosaic_gpu") if any(backend in call for call in calls)} == backends
