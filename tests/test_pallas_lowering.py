@@ -8,6 +8,8 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from meteora_jax.pallas.decode_layer import decode_layer
 from meteora_jax.pallas.dense_expand import dense_expand_add
@@ -62,13 +64,31 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def cuda_lowering():
+    """Skips where this jax cannot lower Triton kernels for CUDA without a GPU: jaxlib 0.10.2 only serialises the
+    kernel; later ones compile it while lowering, which needs the CUDA plugin's Triton compiler."""
+
+    def add_one(x_ref, o_ref):
+        o_ref[...] = x_ref[...] + 1
+
+    probe = pl.pallas_call(add_one, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
+                           compiler_params=plt.CompilerParams(num_warps=1))
+    try:
+        jax.jit(probe).trace(jax.ShapeDtypeStruct((16,), jnp.float32)).lower(lowering_platforms=("cuda",))
+    except RuntimeError as error:
+        if "Triton compilation handler" not in str(error):
+            raise
+        pytest.skip(f"this jax compiles Triton kernels while lowering and has no CUDA compiler here: {error}")
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_kernels_lower_for_cuda(name, monkeypatch):
+def test_kernels_lower_for_cuda(name, monkeypatch, cuda_lowering):
     routed_gemm = importlib.import_module("meteora_jax.pallas.routed_gemm")
     monkeypatch.setattr(routed_gemm, "on_hopper", lambda: True)
     monkeypatch.setattr(routed_gemm, "program_count", lambda interpret: 132)  # an H100's multiprocessors
     fn, operands, backends = CASES[name]
     module = jax.jit(fn).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
     calls = set(re.findall(r"stablehlo.custom_call @([\w$.]+)", module))
-    # Triton kernels: __gpu$xla.gpu.triton; Mosaic GPU kernels: mosaic_gpu, versioned (mosaic_gpu_v2 in jax 0.10).
+    # Triton kernels: __gpu$xla.gpu.triton (jaxlib 0.10) or triton_kernel_call_ffi; Mosaic GPU: mosaic_gpu_v2.
     assert {backend for backend in ("triton", "mosaic_gpu") if any(backend in call for call in calls)} == backends

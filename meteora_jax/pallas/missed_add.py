@@ -142,7 +142,8 @@ def missed_add_vjp(x, lora_a, lora_b, indices, coef, g):
     [T, K, r, O]. Products in x's dtype with float32 sums. dA and dB, wanted only when the adapters train, come
     from a loop of their own, which XLA drops when nothing uses them. dcoef is zero where coef is: in
     `fused_linear` those are the choices held by their tile's slots (masked there anyway) and choices of routing
-    weight exactly 0, whose softmax derivative is 0 too."""
+    weight exactly 0, whose softmax derivative is 0 too (the adapters' scaling, which would need it, never
+    trains)."""
     t, k = indices.shape
     step = BACKWARD_PAIRS_PER_STEP
     flat_coef = coef.reshape(-1).astype(jnp.float32)
@@ -182,7 +183,7 @@ def missed_add_vjp(x, lora_a, lora_b, indices, coef, g):
         db = db.at[adapter].add(jnp.einsum("PR,PO->PRO", xa * c[:, None], g[token].astype(jnp.float32)))
         return da, db
 
-    # dx sums in x's dtype: a token takes at most K additions, and a float32 [T, I] would match x's own bytes.
+    # dx sums in x's dtype: a token takes at most K additions, and a float32 [T, I] would take twice x's bytes.
     dx, dcoef = over_missed(input_grads, (jnp.zeros_like(x), jnp.zeros(t * k, jnp.float32)))
     da, db = over_missed(adapter_grads, (jnp.zeros(lora_a.shape, jnp.float32), jnp.zeros(lora_b.shape, jnp.float32)))
     return dx, da.astype(lora_a.dtype), db.astype(lora_b.dtype), dcoef.reshape(t, k)
