@@ -28,19 +28,28 @@ def mixture_operands(tokens):
             spec((tokens, 2), jnp.int32), spec((tokens, 2), jnp.float32))
 
 
-def mixture_forward_and_backward(*operands):
-    def loss(x, weights):
-        return jnp.sum(mixture_pallas(x, a, b, scaling, indices, weights, interpret=False))
+def forward_and_backward(layer):
+    """The layer's summed output and its gradients in x (first operand) and the routing weights (last), so the
+    forward's kernels and the backward's both lower: a gradient alone lets jax drop forward kernels it needs no
+    output of."""
 
-    x, a, b, scaling, indices, weights = operands
-    return jax.value_and_grad(loss, argnums=(0, 1))(x, weights)
+    def run(x, *operands):
+        *fixed, weights = operands
+
+        def loss(x, weights):
+            return jnp.sum(layer(x, *fixed, weights).astype(jnp.float32))
+
+        return jax.value_and_grad(loss, argnums=(0, 1))(x, weights)
+
+    return run
 
 
-def fused_forward_and_backward(x, w, a, b, scaling, indices, weights):
-    def loss(x, weights):
-        return jnp.sum(fused_linear(x, w, a, b, scaling, indices, weights, interpret=False).astype(jnp.float32))
+def mixture(x, a, b, scaling, indices, weights):
+    return mixture_pallas(x, a, b, scaling, indices, weights, interpret=False)
 
-    return jax.value_and_grad(loss, argnums=(0, 1))(x, weights)
+
+def fused(x, w, a, b, scaling, indices, weights):
+    return fused_linear(x, w, a, b, scaling, indices, weights, interpret=False)
 
 
 def decode(x, gate, y, a, b, scaling):
@@ -52,14 +61,14 @@ def dense_expand(h, b, y):
 
 
 CASES = {
-    "pallas mixture, decode (gather kernel)": (mixture_forward_and_backward, mixture_operands(4), {"triton"}),
-    "pallas mixture, prefill (segment kernels)": (mixture_forward_and_backward, mixture_operands(64), {"triton"}),
+    "pallas mixture, decode (gather kernel)": (forward_and_backward(mixture), mixture_operands(4), {"triton"}),
+    "pallas mixture, prefill (segment kernels)": (forward_and_backward(mixture), mixture_operands(64), {"triton"}),
     "decode layer (gate, routing, shrink, expand)": (
         decode, (spec((4, IN)), spec((IN, N), jnp.float32), spec((4, OUT)), spec((N, IN, R)), spec((N, R, OUT)),
                  spec((N,), jnp.float32)), {"triton"}),
     "dense expand": (dense_expand, (spec((64, N * R)), spec((N * R, OUT)), spec((64, OUT))), {"triton"}),
     "fused (tile shrink, routed GEMM, missed add)": (
-        fused_forward_and_backward, (spec((256, IN)), spec((IN, OUT)), *mixture_operands(256)[1:]),
+        forward_and_backward(fused), (spec((256, IN)), spec((IN, OUT)), *mixture_operands(256)[1:]),
         {"triton", "mosaic_gpu"}),
 }
 
