@@ -15,7 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add, missed_add_vjp
+from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add
+from meteora_jax.pallas.missed_add_backward import missed_adapter_grads, missed_input_grads
 from meteora_jax.pallas.routed_gemm import LANE, RoutedGemmBlockSizes, routed_gemm, routed_gemm_reference
 from meteora_jax.pallas.tile_shrink import tile_shrink
 
@@ -112,10 +113,13 @@ _routed_gemm_of_slots.defvjp(_routed_gemm_of_slots_forward, _routed_gemm_of_slot
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _add_missed(x, y, lora_a, lora_b, indices, missed, interpret):
     """y plus the choices that missed their tile's slots (`missed`: their coefficients, zero elsewhere)."""
+    return missed_add(x, lora_a, lora_b, indices, missed, y, blocks=_missed_blocks(x, y), interpret=interpret)
+
+
+def _missed_blocks(x, y):
     i, o = x.shape[1], y.shape[1]
-    block_out = math.gcd(o, MissedAddBlockSizes.block_out)
-    blocks = MissedAddBlockSizes(block_in=math.gcd(i, MissedAddBlockSizes.block_in), block_out=block_out)
-    return missed_add(x, lora_a, lora_b, indices, missed, y, blocks=blocks, interpret=interpret)
+    return MissedAddBlockSizes(block_in=math.gcd(i, MissedAddBlockSizes.block_in),
+                               block_out=math.gcd(o, MissedAddBlockSizes.block_out))
 
 
 def _add_missed_forward(x, y, lora_a, lora_b, indices, missed, interpret):
@@ -124,8 +128,13 @@ def _add_missed_forward(x, y, lora_a, lora_b, indices, missed, interpret):
 
 
 def _add_missed_backward(interpret, residuals, g):
+    """dmissed is zero where missed is: there the choices are held by their tile's slots (whose gradients come
+    through the GEMM's) or have routing weight exactly 0, whose softmax derivative is 0 too (the adapters'
+    scaling, which would need it, never trains)."""
     x, lora_a, lora_b, indices, missed = residuals
-    dx, da, db, dmissed = missed_add_vjp(x, lora_a, lora_b, indices, missed, g)
+    dx, dmissed = missed_input_grads(x, lora_a, lora_b, indices, missed, g, blocks=_missed_blocks(x, g),
+                                     interpret=interpret)
+    da, db = missed_adapter_grads(x, lora_a, lora_b, indices, missed, g)
     return dx, g, da, db, None, dmissed
 
 

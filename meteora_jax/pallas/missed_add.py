@@ -53,7 +53,7 @@ def missed_add_reference(x, lora_a, lora_b, indices, coef, y):
 def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, y_ref, out_ref, *, top_k, tokens, in_features, span_out, rank,
             rank_block, owned_block, blocks: MissedAddBlockSizes):
     del y_ref  # aliased to out_ref
-    program, span = pl.program_id(0), pl.program_id(1)
+    span = pl.program_id(1)
     ranks = jnp.arange(rank_block)
 
     def one_choice(t, j):
@@ -80,18 +80,30 @@ def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, y_ref, out_ref, *, top_k, to
 
         jax.lax.fori_loop(0, span_out // blocks.block_out, expand, 0)
 
-    def one_token(t):
-        for j in range(top_k):
-            pl.when(coef_ref[t, j] != 0)(functools.partial(one_choice, t, j))
+    walk_missed_choices(coef_ref, one_choice, programs=blocks.programs, tokens=tokens, top_k=top_k,
+                        owned_block=owned_block)
 
+
+def token_ownership(blocks: MissedAddBlockSizes, tokens: int) -> tuple[MissedAddBlockSizes, int]:
+    """(blocks with at most one program per token, owned_block: a power of two >= the tokens a program owns)."""
+    blocks = dataclasses.replace(blocks, programs=max(min(blocks.programs, tokens), 1))
+    return blocks, pl.next_power_of_2(pl.cdiv(tokens, blocks.programs))
+
+
+def walk_missed_choices(coef_ref, one_choice, *, programs: int, tokens: int, top_k: int, owned_block: int):
+    """Calls one_choice(t, j) for every choice j with a nonzero coefficient of every token t that this program
+    owns (t = program id + a multiple of `programs`), token after token."""
+    program = pl.program_id(0)
     owned = jnp.arange(owned_block)
-    rows = program + owned * blocks.programs
+    rows = program + owned * programs
     missed = sum(plt.load(coef_ref.at[rows, jnp.full_like(rows, j)], mask=rows < tokens, other=0) != 0
                  for j in range(top_k))
 
     def next_missed(left):
         first = jnp.min(jnp.where(left > 0, owned, owned_block))
-        one_token(program + first * blocks.programs)
+        t = program + first * programs
+        for j in range(top_k):
+            pl.when(coef_ref[t, j] != 0)(functools.partial(one_choice, t, j))
         return jnp.where(owned == first, 0, left)
 
     # Only the owned tokens with a miss, one after the other: a scalar check per owned token would wait on
@@ -103,8 +115,8 @@ def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, y_ref, out_ref, *, top_k, to
 def missed_add(x, lora_a, lora_b, indices, coef, y, *, blocks: MissedAddBlockSizes = MissedAddBlockSizes(),
                interpret: bool = False):
     """y + the pairs with nonzero coef [T, K] (see missed_add_reference), in y's dtype. I must tile by
-    block_in, O by spans x block_out; indices must lie in [0, N). Forward only: `missed_add_vjp` gives its
-    gradients."""
+    block_in, O by spans x block_out; indices must lie in [0, N). Forward only: its gradients are in
+    missed_add_backward.py."""
     blocks.check()
     t, i = x.shape
     n, _, r = lora_a.shape
@@ -114,10 +126,10 @@ def missed_add(x, lora_a, lora_b, indices, coef, y, *, blocks: MissedAddBlockSiz
     if i % blocks.block_in or o % (blocks.spans * blocks.block_out):
         raise ValueError(f"x {x.shape} -> y {y.shape} does not tile by {blocks.block_in} inputs and "
                          f"{blocks.spans} spans of {blocks.block_out} outputs")
-    blocks = dataclasses.replace(blocks, programs=max(min(blocks.programs, t), 1))
+    blocks, owned_block = token_ownership(blocks, t)
     kernel = functools.partial(_kernel, top_k=indices.shape[1], tokens=t, in_features=i, span_out=o // blocks.spans,
-                               rank=r, rank_block=max(pl.next_power_of_2(r), 16),
-                               owned_block=pl.next_power_of_2(pl.cdiv(t, blocks.programs)), blocks=blocks)
+                               rank=r, rank_block=max(pl.next_power_of_2(r), 16), owned_block=owned_block,
+                               blocks=blocks)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
@@ -127,63 +139,3 @@ def missed_add(x, lora_a, lora_b, indices, coef, y, *, blocks: MissedAddBlockSiz
         interpret=interpret,
         name="meteora_missed_add",
     )(indices.astype(jnp.int32), coef.astype(jnp.float32), x, lora_a, lora_b, y)
-
-
-# Missed pairs per step of the backward's loop: its temporaries hold this many pairs' copies of A and B.
-BACKWARD_PAIRS_PER_STEP = 256
-
-
-def missed_add_vjp(x, lora_a, lora_b, indices, coef, g):
-    """(dx, dA, dB, dcoef) of missed_add for y's cotangent g [T, O], from the pairs with nonzero coef alone.
-
-    Those pairs are moved to the front and taken BACKWARD_PAIRS_PER_STEP at a time by a loop that stops after
-    the last one, so the cost follows the misses (0.2% of the pairs under trained gates) and the temporaries
-    stay at one step's gathered adapters: a per-token gather of every pair would copy [T, K, I, r] and
-    [T, K, r, O]. Products in x's dtype with float32 sums. dA and dB, wanted only when the adapters train, come
-    from a loop of their own, which XLA drops when nothing uses them. dcoef is zero where coef is: in
-    `fused_linear` those are the choices held by their tile's slots (masked there anyway) and choices of routing
-    weight exactly 0, whose softmax derivative is 0 too (the adapters' scaling, which would need it, never
-    trains)."""
-    t, k = indices.shape
-    step = BACKWARD_PAIRS_PER_STEP
-    flat_coef = coef.reshape(-1).astype(jnp.float32)
-    flat_adapter = indices.reshape(-1).astype(jnp.int32)
-    count = jnp.sum(flat_coef != 0)
-    order = jnp.pad(jnp.argsort(flat_coef == 0, stable=True), (0, -(t * k) % step))  # the padding is past count
-    g = g.astype(x.dtype)
-
-    def gathered(start):
-        pair = jax.lax.dynamic_slice(order, (start,), (step,))
-        live = start + jnp.arange(step) < count
-        token, adapter = pair // k, flat_adapter[pair]
-        c = jnp.where(live, flat_coef[pair], 0.0)
-        a, b = lora_a[adapter].astype(x.dtype), lora_b[adapter].astype(x.dtype)
-        xa = jnp.einsum("PI,PIR->PR", x[token], a, preferred_element_type=jnp.float32)
-        gb = jnp.einsum("PO,PRO->PR", g[token], b, preferred_element_type=jnp.float32)
-        return pair, live, token, adapter, c, a, xa, gb
-
-    def over_missed(update, init):
-        def body(carry):
-            start, acc = carry
-            return start + step, update(gathered(start), acc)
-
-        return jax.lax.while_loop(lambda carry: carry[0] < count, body, (0, init))[1]
-
-    def input_grads(pairs, acc):  # y += c (x A) B: dc = (x A) . (g B^T), dx = c (g B^T) A^T
-        pair, live, token, _, c, a, xa, gb = pairs
-        dx, dcoef = acc
-        dcoef = dcoef.at[pair].add(jnp.where(live, jnp.sum(xa * gb, axis=-1), 0.0))
-        dx_pairs = jnp.einsum("PR,PIR->PI", (gb * c[:, None]).astype(x.dtype), a, preferred_element_type=jnp.float32)
-        return dx.at[token].add(dx_pairs.astype(x.dtype)), dcoef
-
-    def adapter_grads(pairs, acc):  # dA = c x^T (g B^T), dB = c (x A)^T g
-        _, _, token, adapter, c, _, xa, gb = pairs
-        da, db = acc
-        da = da.at[adapter].add(jnp.einsum("PI,PR->PIR", x[token].astype(jnp.float32), gb * c[:, None]))
-        db = db.at[adapter].add(jnp.einsum("PR,PO->PRO", xa * c[:, None], g[token].astype(jnp.float32)))
-        return da, db
-
-    # dx sums in x's dtype: a token takes at most K additions, and a float32 [T, I] would take twice x's bytes.
-    dx, dcoef = over_missed(input_grads, (jnp.zeros_like(x), jnp.zeros(t * k, jnp.float32)))
-    da, db = over_missed(adapter_grads, (jnp.zeros(lora_a.shape, jnp.float32), jnp.zeros(lora_b.shape, jnp.float32)))
-    return dx, da.astype(lora_a.dtype), db.astype(lora_b.dtype), dcoef.reshape(t, k)
