@@ -371,6 +371,73 @@ def gemm_section(base_forms: dict, routed: dict, shrink: dict) -> list[str]:
     return lines
 
 
+def training_through_fused_section(runs: list[tuple[str, dict]]) -> list[str]:
+    """The training path's step times with `auto` and with `fused` taken in differentiated calls too."""
+    first = runs[0][1]
+    lines = [
+        "## Training through the `fused` strategy (`train_pipeline.py`)\n",
+        f"{first['device']}; jax {first['jax']}, Python {first['python']}. The training path above (10 LoRAs of "
+        "100 steps, 300 gate steps, 16 x 256 tokens, bf16), with `auto` as shipped (`fused` only in calls marked "
+        "inference), or with every call marked inference on the device so that `auto` takes `fused` wherever its "
+        "tiles fit, differentiated calls included: on SmolLM2 (576 -> 1536) the gate and up projections, 2 of 7. "
+        "The LoRA steps train the adapters (forced routing), the gate steps only the gates. Median step after the "
+        "first; peak: the gate process's device allocator peak.\n",
+        "| run | date | LoRA step ms (10 tasks) | gate step ms | first gate step s | gate peak GiB | held-out gate "
+        "accuracy |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, run in runs:
+        lora = [a["median_step_s"] * 1e3 for a in run["adapters"].values()]
+        gates = run["gates"]
+        lines.append(f"| {label} | {run['date'][:10]} | {min(lora):.1f}-{max(lora):.1f} | "
+                     f"{gates['median_step_s'] * 1e3:.1f} | {gates['first_step_s']:.0f} | "
+                     f"{gates['peak_memory_bytes'] / 2**30:.2f} | {run['gate_validation_mean']:.3f} |")
+    return lines + [""]
+
+
+def workspace_section(run: dict) -> list[str]:
+    """Temporaries of each layer form beside the largest cuBLAS workspace XLA gave one of its GEMMs."""
+    (case,) = {(r["in_features"], r["out_features"], r["adapters"], r["tokens"]) for r in run["results"]}
+    lines = [
+        "## Temporaries and cuBLAS workspaces (`meteora_layer.py`)\n",
+        f"Date {run['date'][:10]}; {run['device']}; jax {run['versions']['jax']}. {case[0]} -> {case[1]}, "
+        f"N = {case[2]}, T = {case[3]}, {gate_description(run)}. {routing_note(run).strip()} Temporaries: the compiled "
+        "program's temp_size_in_bytes; workspace: the largest cuBLAS workspace buffer in its HLO (XLA counts it "
+        "among the temporaries).\n",
+        "| variant | kernel ms | temporaries MB | largest cuBLAS workspace MB | temporaries without it MB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in run["results"]:
+        if r["status"] == "ok":
+            temp, workspace = r["temp_bytes"] / 1e6, r["cublas_workspace_bytes"] / 1e6
+            lines.append(f"| {r['variant']} | {r['kernel_ms']:.4g} | {temp:.1f} | {workspace:.1f} | "
+                         f"{temp - workspace:.1f} |")
+    return lines + [""]
+
+
+def shrink_tiles_section(run: dict) -> list[str]:
+    """The best tile_shrink blocks per tokens-per-program, against XLA's form."""
+    env = run["environment"]
+    lines = [
+        "## The `fused` shrink by tokens per program (`tile_shrink_tuning.py`)\n",
+        f"Date {env['date'][:10]}; {env['device']}; jax {env['versions']['jax']}. Device (kernel) time, bf16, "
+        "4096 inputs, r = 8. Best of each block_tokens over block_in, warps and splits; configurations that ask "
+        "for more shared memory than a multiprocessor has are left out.\n",
+        "| T | N | XLA ms | block_tokens | best ms | configurations run | best blocks |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for tokens, adapters in sorted({(r["tokens"], r["adapters"]) for r in run["rows"]}):
+        same = [r for r in run["rows"] if (r["tokens"], r["adapters"]) == (tokens, adapters)]
+        xla = next(r["kernel_ms"] for r in same if r["form"] == "xla")
+        for block_tokens in sorted({int(r["blocks"].split("block_tokens=")[1].split(",")[0]) for r in same
+                                    if r.get("blocks")}):
+            timed = [r for r in same if r.get("kernel_ms") and f"block_tokens={block_tokens}," in r.get("blocks", "")]
+            top = min(timed, key=lambda r: r["kernel_ms"])
+            lines.append(f"| {tokens} | {adapters} | {xla:.4g} | {block_tokens} | {top['kernel_ms']:.4g} | "
+                         f"{len(timed)} | `{top['blocks'].split('(', 1)[1].rstrip(')')}` |")
+    return lines + [""]
+
+
 def render() -> str:
     """RESULTS.md's text, from the committed JSON."""
     lines = ["# Benchmark results\n",
@@ -428,6 +495,15 @@ def render() -> str:
                                  load("train_pipeline_fused_tiles_validation.json"),
                                  "the first 8 distinct in index order, the first rule")
     lines += gate_strategy_section(load("train_gates_strategy.json"))
+    lines += training_through_fused_section([
+        ("auto as shipped", load("train_pipeline_gates_bf16_check.json")),
+        ("`fused`, gradients through plain-JAX forms (per-token adapter copies)",
+         load("train_pipeline_fused_frequency.json")),
+        ("`fused`, miss path's gradients by XLA while loops", load("train_pipeline_fused_backward.json")),
+        ("`fused`, miss path's input gradients by a kernel", load("train_pipeline_fused_backward_kernel.json")),
+    ])
+    lines += workspace_section(load("meteora_layer_workspace_n1024.json"))
+    lines += shrink_tiles_section(load("tile_shrink_tuning_256.json"))
     return "\n".join(lines)
 
 

@@ -37,9 +37,8 @@ PALLAS_PREFILL_MIN_TOKENS = 8192
 # `auto` never takes the grouped (SGMV) kernels: they beat bmm only where a random gate spreads every token
 # over all adapters (N = 1024, 16384 tokens: 1.90 against 2.10 ms), and lost to it where tokens route in runs,
 # as prompts do (1.82 against 1.59 ms; bench/NOTES.md).
-# From this many bfloat16 tokens `auto` takes `fused` on a Hopper GPU in calls that are not differentiated (its
-# gradients take plain-JAX forms: 3x slower LoRA training steps, measured before the miss path's backward stopped
-# gathering the adapters per token; not re-measured) where its routed GEMM's
+# From this many bfloat16 tokens `auto` takes `fused` on a Hopper GPU in calls that are not differentiated (through
+# its gradients a SmolLM2 gate step took 1.03x and a LoRA step 1.5x auto's time; bench/NOTES.md) where its routed GEMM's
 # default tiles fit (inputs a multiple of FUSED_INPUT_MULTIPLE, outputs of FUSED_OUTPUT_MULTIPLE, rank up
 # to FUSED_MAX_RANK; meteora_jax/pallas/routed_gemm.py): FUSED_TILE_TOKENS tokens per tile share its adapter slots.
 FUSED_MIN_TOKENS = 4096

@@ -17,8 +17,8 @@ class Routing:
     assignment: [B, T] adapter id per token (weight 1), -1 for none; the one field that is an array.
     adapters_off: skip the adapters entirely, giving the base model.
     inference: the call is not differentiated (generate() sets it), so `auto` may take the `fused` strategy on
-        long prompts: its forward is the fastest measured, its gradients go through plain-JAX forms not yet
-        measured fast enough for training.
+        long prompts: its forward is the fastest measured; through its gradients a training step was no faster
+        than auto's (bench/NOTES.md).
     Static fields are part of the compiled program; a Routing without `assignment` is hashable.
     """
 
