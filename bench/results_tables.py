@@ -438,6 +438,32 @@ def shrink_tiles_section(run: dict) -> list[str]:
     return lines + [""]
 
 
+def pallas_backward_section(run: dict) -> list[str]:
+    """The `pallas` strategy's backward against the pair kernel given every pair, best blocks per case."""
+    env = run["environment"]
+    lines = [
+        "## The `pallas` strategy's backward for x and the routing (`pallas_backward.py`)\n",
+        f"Date {env['date'][:10]}; {env['device']}; jax {env['versions']['jax']}. Device (kernel) time and compiled "
+        "temporaries, bf16, 4096 -> 4096, r = 8, k = 2. `gathered`: the strategy's form (dx by the grouped kernels "
+        "on the transposed adapters, the coefficients' gradient from per-pair products of gathered A and B in XLA); "
+        "`pair kernel`: `fused`'s miss-path kernel (`pair_grads.py`) given every pair, best of "
+        f"{len({r['blocks'] for r in run['rows'] if 'blocks' in r})} block sizes.\n",
+        "| N | T | routing | gathered ms | gathered MB | pair kernel ms | pair kernel MB | dx error (gathered, "
+        "kernel) |",
+        "|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
+    cases = sorted({(r["adapters"], r["tokens"], r["routing"]) for r in run["rows"]}, key=lambda c: (c[1], c[0], c[2]))
+    for adapters, tokens, routing in cases:
+        same = [r for r in run["rows"] if (r["adapters"], r["tokens"], r["routing"]) == (adapters, tokens, routing)
+                and "kernel_ms" in r]
+        old = next(r for r in same if r["form"] == "gathered")
+        new = min((r for r in same if r["form"] == "pair kernel"), key=lambda r: r["kernel_ms"])
+        lines.append(f"| {adapters} | {tokens} | {routing} | {old['kernel_ms']:.3f} | {old['temp_bytes'] / 1e6:.0f} | "
+                     f"{new['kernel_ms']:.3f} | {new['temp_bytes'] / 1e6:.0f} | "
+                     f"{old['dx_rel_err']:.1e}, {new['dx_rel_err']:.1e} |")
+    return lines + [""]
+
+
 def render() -> str:
     """RESULTS.md's text, from the committed JSON."""
     lines = ["# Benchmark results\n",
@@ -504,6 +530,7 @@ def render() -> str:
     ])
     lines += workspace_section(load("meteora_layer_workspace_n1024.json"))
     lines += shrink_tiles_section(load("tile_shrink_tuning_256.json"))
+    lines += pallas_backward_section(load("pallas_backward.json"))
     return "\n".join(lines)
 
 

@@ -15,11 +15,6 @@ from meteora_jax.lora_mixture import gated_output, lora_mixture, mixture_loop
 from meteora_jax.meteora import MeteoraConfig, MeteoraDense
 from meteora_jax.pallas.fused_linear import fused_linear, tile_slots
 from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add, missed_add_reference
-from meteora_jax.pallas.missed_add_backward import (
-    missed_adapter_grads,
-    missed_input_grads,
-    missed_input_grads_reference,
-)
 from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes, routed_gemm, routed_gemm_reference
 from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink, tile_shrink_reference
 from meteora_jax.routing import Routing
@@ -179,44 +174,6 @@ def test_missed_add_matches_reference_interpreted(programs):
     np.testing.assert_array_equal(nothing, y)
     with pytest.raises(ValueError, match="does not tile by 32 inputs and 2 spans of 32 outputs"):
         missed_add(x, a, b[:, :, :96], indices, coef, y[:, :96], blocks=blocks, interpret=True)
-
-
-def _missed_pairs(share):
-    rng = np.random.default_rng(7)
-    t, i, o, n, r = 300, 48, 80, 5, 4
-    x, a, b = (normal(rng, shape, dtype=jnp.float32) for shape in ((t, i), (n, i, r), (n, r, o)))
-    indices = jnp.asarray(rng.integers(0, n, (t, 2)), jnp.int32)
-    coef = jnp.asarray(rng.standard_normal((t, 2)) * (rng.random((t, 2)) < share), jnp.float32)
-    return x, a, b, indices, coef, normal(rng, (t, o), dtype=jnp.float32)
-
-
-@pytest.mark.parametrize("share, programs", [(0.0, 7), (0.05, 1), (0.05, 64), (0.6, 7)])
-def test_missed_input_grads_match_reference_interpreted(share, programs):
-    x, a, b, indices, coef, g = _missed_pairs(share)
-    blocks = MissedAddBlockSizes(programs=programs, block_in=16, block_out=16)
-    dx, dcoef = missed_input_grads(x, a, b, indices, coef, g, blocks=blocks, interpret=INTERPRET)
-    ref_dx, ref_dcoef = missed_input_grads_reference(x, a, b, indices, coef, g)
-    missed = np.asarray(coef != 0)
-    np.testing.assert_array_equal(np.asarray(dcoef)[~missed], 0)  # pairs of a zero coefficient are not visited
-    np.testing.assert_array_equal(np.asarray(dx)[~missed.any(axis=1)], 0)
-    if share:
-        assert rel_error(dx, ref_dx) < 1e-5
-        np.testing.assert_allclose(np.asarray(dcoef)[missed], np.asarray(ref_dcoef)[missed], rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="does not tile by 32 inputs and 16 outputs"):
-        missed_input_grads(x, a, b, indices, coef, g, blocks=MissedAddBlockSizes(block_in=32, block_out=16),
-                           interpret=True)
-
-
-@pytest.mark.parametrize("share", [0.0, 0.05, 0.6])  # 0.6: 360 of 600 pairs, two steps of the loop
-def test_missed_adapter_grads_match_reference_over_the_missed_pairs(share):
-    x, a, b, indices, coef, g = _missed_pairs(share)
-    ours = missed_adapter_grads(x, a, b, indices, coef, g)
-    _, vjp = jax.vjp(lambda a, b: missed_add_reference(x, a, b, indices, coef, jnp.zeros(g.shape)), a, b)
-    for name, got, ref in zip(("lora_a", "lora_b"), ours, vjp(g)):
-        if share:
-            assert rel_error(got, ref) < 1e-5, name
-        else:
-            np.testing.assert_array_equal(got, 0)
 
 
 @pytest.mark.parametrize("case", ["runs", "runs past the slots"])

@@ -4,7 +4,8 @@ Per tile of neighbouring tokens the routing keeps its U = 64 // r most chosen ad
 h [T, 64] holds each token's x A for each slot's adapter times its routing coefficient (zero for slots it did not
 choose; columns past U r zero), b_tile [tiles, 64, O] the slots' B rows; the GEMM adds h @ b_tile in its
 epilogue. A token choice whose adapter missed its tile's slots (a tile spanning more than U adapters) is added
-afterwards, per token, by meteora_jax/pallas/missed_add.py, whose programs walk only the tokens with a miss.
+afterwards, per token, by meteora_jax/pallas/missed_add.py, whose programs walk only the tokens with a miss;
+meteora_jax/pallas/pair_grads.py gives their gradients the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add
-from meteora_jax.pallas.missed_add_backward import missed_adapter_grads, missed_input_grads
+from meteora_jax.pallas.pair_grads import pair_adapter_grads, pair_input_grads
 from meteora_jax.pallas.routed_gemm import LANE, RoutedGemmBlockSizes, routed_gemm, routed_gemm_reference
 from meteora_jax.pallas.tile_shrink import tile_shrink
 
@@ -132,9 +133,9 @@ def _add_missed_backward(interpret, residuals, g):
     through the GEMM's) or have routing weight exactly 0, whose softmax derivative is 0 too (the adapters'
     scaling, which would need it, never trains)."""
     x, lora_a, lora_b, indices, missed = residuals
-    dx, dmissed = missed_input_grads(x, lora_a, lora_b, indices, missed, g, blocks=_missed_blocks(x, g),
-                                     interpret=interpret)
-    da, db = missed_adapter_grads(x, lora_a, lora_b, indices, missed, g)
+    dx, dmissed = pair_input_grads(x, lora_a, lora_b, indices, missed, g, blocks=_missed_blocks(x, g),
+                                   interpret=interpret)
+    da, db = pair_adapter_grads(x, lora_a, lora_b, indices, missed, g)
     return dx, g, da, db, None, dmissed
 
 

@@ -116,7 +116,7 @@ def missed_add(x, lora_a, lora_b, indices, coef, y, *, blocks: MissedAddBlockSiz
                interpret: bool = False):
     """y + the pairs with nonzero coef [T, K] (see missed_add_reference), in y's dtype. I must tile by
     block_in, O by spans x block_out; indices must lie in [0, N). Forward only: its gradients are in
-    missed_add_backward.py."""
+    pair_grads.py."""
     blocks.check()
     t, i = x.shape
     n, _, r = lora_a.shape
