@@ -1,6 +1,8 @@
 """Block sizes of the `fused` strategy's routed shrink (meteora_jax/pallas/tile_shrink.py): device (kernel) time
 on inputs routed in runs of 256 tokens (meteora_layer.py --segment-tokens), bf16, r = 8, with each run's error
-against the plain reference; XLA's form (gather A per tile, batched matmul) for comparison.
+against the plain reference; XLA's form (gather A per tile, batched matmul) for comparison. kernel_ms counts the
+whole call (with A's transpose where asked for, and the XLA sum of the splits); shrink_kernel_ms the shrink
+kernel alone.
 
 Usage: python bench/tile_shrink_tuning.py [--out FILE]   (GPU)
 """
@@ -8,6 +10,7 @@ Usage: python bench/tile_shrink_tuning.py [--out FILE]   (GPU)
 from __future__ import annotations
 
 import itertools
+import statistics
 import sys
 from pathlib import Path
 
@@ -18,7 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from block_sweep import fastest, output_path, sweep, write_rows  # noqa: E402
-from meteora_layer import TOP_K, Case, kernel_ms_per_call, make_params, route, segment_inputs  # noqa: E402
+from meteora_layer import (  # noqa: E402
+    KERNEL_TIME_RUNS,
+    TOP_K,
+    Case,
+    kernel_ms_per_call,
+    make_params,
+    route,
+    segment_inputs,
+)
+from profile_events import traced_kernel_events  # noqa: E402
 
 from meteora_jax.lora_mixture import compute_gate_logits  # noqa: E402
 from meteora_jax.pallas.fused_linear import slot_coefficients, slot_count, tile_slots  # noqa: E402
@@ -30,9 +42,21 @@ TILE_TOKENS = RoutedGemmBlockSizes().tile_tokens
 
 
 def block_grid():
-    # 256 tokens: a whole routing tile per program, so each gathered block of A serves 4x the tokens.
-    for tokens, block_in, warps, splits in itertools.product((64, 128, 256), (128, 256), (4, 8), (1, 4, 8, 16)):
-        yield TileShrinkBlockSizes(block_tokens=tokens, block_in=block_in, num_warps=warps, splits=splits)
+    # 256-token programs (a whole routing tile) lost to 64 and 128 in the previous sweep
+    # (results/tile_shrink_tuning_256.json); this one asks whether A read along its inputs helps.
+    for tokens, block_in, warps, splits, transpose in itertools.product((64, 128), (128, 256), (4, 8), (1, 4, 8),
+                                                                         (False, True)):
+        yield TileShrinkBlockSizes(block_tokens=tokens, block_in=block_in, num_warps=warps, splits=splits,
+                                   transpose_a=transpose)
+
+
+def shrink_kernel_ms(compiled, args) -> float:
+    """The shrink kernel's own device time per call, the median of KERNEL_TIME_RUNS traced calls."""
+    runs = []
+    for _ in range(KERNEL_TIME_RUNS):
+        events = traced_kernel_events(lambda: jax.block_until_ready(compiled(*args)))
+        runs.append(sum(duration for name, _, duration in events if name == "meteora_tile_shrink") / 1e6)
+    return statistics.median(runs)
 
 
 def main() -> None:
@@ -54,8 +78,10 @@ def main() -> None:
         def measure(blocks):
             fn = jax.jit(lambda *a: tile_shrink(*a, tile_tokens=TILE_TOKENS, blocks=blocks))
             got = fn(*args).astype(jnp.float32)
+            compiled = fn.lower(*args).compile()
             return {"rel_err": float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)),
-                    "kernel_ms": kernel_ms_per_call(fn.lower(*args).compile(), args, 1)}
+                    "kernel_ms": kernel_ms_per_call(compiled, args, 1),
+                    "shrink_kernel_ms": shrink_kernel_ms(compiled, args)}
 
         configs = sweep({"adapters": case.adapters, "tokens": case.tokens, "form": "tile_shrink"}, "blocks",
                         block_grid(), measure)

@@ -15,6 +15,7 @@ from meteora_jax.pallas.decode_layer import decode_layer
 from meteora_jax.pallas.dense_expand import dense_expand_add
 from meteora_jax.pallas.fused_linear import fused_linear
 from meteora_jax.pallas.mixture import mixture_pallas
+from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink
 
 IN, OUT, N, R = 128, 256, 6, 8
 
@@ -52,6 +53,10 @@ def fused(x, w, a, b, scaling, indices, weights):
     return fused_linear(x, w, a, b, scaling, indices, weights, interpret=False)
 
 
+def shrink_of_transposed_a(x, a, adapters, coef):
+    return tile_shrink(x, a, adapters, coef, tile_tokens=256, blocks=TileShrinkBlockSizes(transpose_a=True))
+
+
 def decode(x, gate, y, a, b, scaling):
     return decode_layer(x, gate, y, a, b, scaling, top_k=2, temperature=1.0, interpret=False)
 
@@ -70,6 +75,9 @@ CASES = {
     "fused (tile shrink, routed GEMM, missed add)": (
         forward_and_backward(fused), (spec((256, IN)), spec((IN, OUT)), *mixture_operands(256)[1:]),
         {"triton", "mosaic_gpu"}),
+    "tile shrink reading A transposed": (
+        shrink_of_transposed_a, (spec((256, IN)), spec((N, IN, R)), spec((1, 64 // R), jnp.int32),
+                                 spec((256, 64 // R), jnp.float32)), {"triton"}),
 }
 
 

@@ -28,6 +28,11 @@ class TileShrinkBlockSizes:
     # Programs per block of tokens, each over its share of the input features (their float32 sums are added
     # by XLA): a program's steps wait on gathered loads, so more, shorter programs fill the GPU.
     splits: int = 4
+    # Read A as [N, r, I], transposed per call: a step's gathered loads then run along the inputs, not r elements
+    # (16 bytes at r = 8) at a time. The kernel alone took 59 instead of 82 us at N = 256, T = 16384, but the
+    # transpose costs more than that saves at N = 1024 (104 against 27 us in all at 4096 tokens); it pays only
+    # where A is held in that layout (bench/NOTES.md).
+    transpose_a: bool = False
 
     def check(self, tile_tokens: int) -> None:
         check_powers_of_two(self, ("block_tokens", "block_in"))
@@ -57,7 +62,6 @@ def _kernel(adapters_ref, x_ref, a_ref, partial_ref, *, in_features, rank, slots
     used = columns < slots * rank
     slot_of_column = jnp.minimum(columns // rank, slots - 1)
     adapter_of_column = plt.load(adapters_ref.at[jnp.full((COLUMNS,), tile, jnp.int32), slot_of_column])
-    row_base = adapter_of_column * in_features  # lora_a as [N * I, r]
     inputs = jnp.arange(blocks.block_in)
 
     def step(k, acc):
@@ -65,9 +69,13 @@ def _kernel(adapters_ref, x_ref, a_ref, partial_ref, *, in_features, rank, slots
         valid = start + inputs < in_features
         x = plt.load(x_ref.at[pl.ds(first, blocks.block_tokens), pl.ds(start, blocks.block_in)],
                      mask=valid[None, :], other=0)
-        rows = row_base[None, :] + start + inputs[:, None]
-        a = plt.load(a_ref.at[rows, jnp.broadcast_to(columns % rank, rows.shape)],
-                     mask=valid[:, None] & used[None, :], other=0)
+        mask = valid[:, None] & used[None, :]
+        if blocks.transpose_a:  # lora_a as [N * r, I]
+            rows = jnp.broadcast_to((adapter_of_column * rank + columns % rank)[None, :], mask.shape)
+            a = plt.load(a_ref.at[rows, jnp.broadcast_to(start + inputs[:, None], mask.shape)], mask=mask, other=0)
+        else:  # lora_a as [N * I, r]
+            rows = (adapter_of_column * in_features)[None, :] + start + inputs[:, None]
+            a = plt.load(a_ref.at[rows, jnp.broadcast_to(columns % rank, rows.shape)], mask=mask, other=0)
         return acc + jnp.dot(x, a, preferred_element_type=jnp.float32)
 
     partial_ref[split, pl.ds(first, blocks.block_tokens), :] = jax.lax.fori_loop(
@@ -123,6 +131,11 @@ def _backward(tile_tokens, blocks, interpret, residuals, g):
 _differentiable.defvjp(_forward, _backward)
 
 
+def _kernel_layout(lora_a, transpose: bool):
+    n, i, r = lora_a.shape
+    return jnp.swapaxes(lora_a, 1, 2).reshape(n * r, i) if transpose else lora_a.reshape(n * i, r)
+
+
 def _call(x, lora_a, adapters, coef, tile_tokens, blocks, interpret):
     t, i = x.shape
     n, _, r = lora_a.shape
@@ -137,6 +150,6 @@ def _call(x, lora_a, adapters, coef, tile_tokens, blocks, interpret):
         compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=2),
         interpret=interpret,
         name="meteora_tile_shrink",
-    )(adapters, x, lora_a.astype(x.dtype).reshape(n * i, r))
+    )(adapters, x, _kernel_layout(lora_a.astype(x.dtype), blocks.transpose_a))
     per_column = jnp.pad(jnp.repeat(coef, r, axis=1), ((0, 0), (0, COLUMNS - slots * r)))
     return (jnp.sum(partial, axis=0) * per_column).astype(x.dtype)
