@@ -75,9 +75,11 @@ def test_adapter_grads_match_reference_over_the_nonzero_pairs(share):
 
 
 @pytest.mark.gpu
-def test_full_size_on_gpu():
-    x, a, b, indices, coef, g = pairs(0.05, t=4096, i=4096, o=4096, n=64, r=8, dtype=jnp.bfloat16)
-    dx, dcoef = pair_input_grads(x, a, b, indices, coef, g)
+@pytest.mark.skipif(not ON_GPU, reason="full-size kernel tests need a GPU")
+@pytest.mark.parametrize("t, i, o, programs", [(4096, 4096, 4096, 4096), (4096, 576, 1536, 256)])
+def test_full_size_on_gpu(t, i, o, programs):  # 576: edge lanes at the default blocks; 256: 16 tokens a program
+    x, a, b, indices, coef, g = pairs(0.05, t=t, i=i, o=o, n=64, r=8, dtype=jnp.bfloat16)
+    dx, dcoef = pair_input_grads(x, a, b, indices, coef, g, blocks=MissedAddBlockSizes(programs=programs))
     ref_dx, ref_dcoef = pair_input_grads_reference(x, a, b, indices, coef, g)
     visited = np.asarray(coef != 0)
     assert rel_error(dx, ref_dx) < 1e-2

@@ -38,13 +38,15 @@ def pair_input_grads_reference(x, lora_a, lora_b, indices, coef, g):
 
 
 def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, g_ref, dx_in_ref, dcoef_in_ref, dx_ref, dcoef_ref, *, top_k,
-            tokens, in_features, out_features, rank, rank_block, owned_block, blocks: MissedAddBlockSizes):
+            tokens, in_features, out_features, rank, rank_block, owned_block, interpret, blocks: MissedAddBlockSizes):
     del dx_in_ref, dcoef_in_ref  # aliased to dx_ref and dcoef_ref
     ranks = jnp.arange(rank_block)
     safe_ranks = jnp.minimum(ranks, rank - 1)[None, :]
 
     # Features past an edge read and write the last feature: those duplicate lanes compute the very value of the
-    # lane they copy (their x is masked to 0 in the sums), so their writes are harmless, as in lora_segment.py.
+    # lane they copy (their x is masked to 0 in the sums), as in lora_segment.py. A barrier between dx's load and
+    # its store keeps a duplicate lane from storing before another warp has loaded that element (which would then
+    # add the update twice): Triton orders no global loads and stores across warps.
     def project(t, adapter):  # u = g B^T
         def step(i, u):
             cols = i * blocks.block_out + jnp.arange(blocks.block_out)
@@ -68,8 +70,10 @@ def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, g_ref, dx_in_ref, dcoef_in_r
             a = plt.load(a_ref.at[adapter, safe[:, None], safe_ranks], mask=(ranks < rank)[None, :],
                          other=0).astype(jnp.float32)
             row = dx_ref.at[t, safe]
-            plt.store(row, (plt.load(row).astype(jnp.float32) + jnp.sum(a * cu[None, :], axis=1)).astype(
-                dx_ref.dtype))
+            dx = plt.load(row).astype(jnp.float32) + jnp.sum(a * cu[None, :], axis=1)
+            if not interpret:  # the interpreter runs each load and store whole, and has no barrier
+                plt.debug_barrier()
+            plt.store(row, dx.astype(dx_ref.dtype))
             return h + jnp.sum(x[:, None] * a, axis=0)
 
         steps = pl.cdiv(in_features, blocks.block_in)
@@ -97,7 +101,8 @@ def pair_input_grads(x, lora_a, lora_b, indices, coef, g, *, blocks: MissedAddBl
     blocks.check()
     blocks, owned_block = token_ownership(blocks, t)
     kernel = functools.partial(_kernel, top_k=indices.shape[1], tokens=t, in_features=i, out_features=o, rank=r,
-                               rank_block=max(pl.next_power_of_2(r), 16), owned_block=owned_block, blocks=blocks)
+                               rank_block=max(pl.next_power_of_2(r), 16), owned_block=owned_block,
+                               interpret=interpret, blocks=blocks)
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(coef.shape, jnp.float32)),
