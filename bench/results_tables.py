@@ -540,6 +540,9 @@ def render() -> str:
     lines += shrink_sweep_section(load("tile_shrink_tuning_256.json"), "block_tokens", "tokens per program")
     lines += shrink_sweep_section(load("tile_shrink_tuning_transposed.json"), "transpose_a", "the layout of A")
     lines += pallas_backward_section(load("pallas_backward.json"))
+    lines += layer_section([load("meteora_layer_barrier.json")],
+                           "MeteoRA layer, `pallas` after the in-place kernels' barrier, routing in runs of 96 tokens, "
+                           "bfloat16 gates", "chained")
     return "\n".join(lines)
 
 

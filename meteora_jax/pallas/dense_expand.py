@@ -7,9 +7,9 @@ stay in their order: one coalesced read and write of y. XLA's form of this step 
 writes its product to a new [M, O] buffer beside the base output, with cuBLAS's 32 MiB workspace live
 beside both (1.25x a LoRA's temporaries at T = 16384); here the output is y's buffer (aliased).
 One program per (token block, output tile). In edge tiles, rows and columns past the edges repeat the last row and
-column (same value, same address: a benign duplicate write) rather than relying on masked block edges,
-which wrote out of bounds on the GPU when a tile overhung the output's columns; the duplicates also
-keep interpret mode exact, since it emulates masked stores by read-modify-write.
+column (same value, same address: a benign duplicate write, meteora_jax/pallas/in_place.py) rather than relying
+on masked block edges, which wrote out of bounds on the GPU when a tile overhung the output's columns; the
+duplicates also keep interpret mode exact, since it emulates masked stores by read-modify-write.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from meteora_jax.pallas.block_sizes import check_powers_of_two
+from meteora_jax.pallas.in_place import add_into
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +36,15 @@ class DenseExpandBlockSizes:
         check_powers_of_two(self, ("block_tokens", "block_out"))
 
 
-def _kernel(h_ref, b_ref, y_ref, out_ref, *, tokens, out_features, rank_block, blocks: DenseExpandBlockSizes):
+def _kernel(h_ref, b_ref, y_ref, out_ref, *, tokens, out_features, rank_block, interpret,
+            blocks: DenseExpandBlockSizes):
     del y_ref  # aliased to out_ref, which is read and written in place
     bt, bo = blocks.block_tokens, blocks.block_out
     first_row, first_col = pl.program_id(0) * bt, pl.program_id(1) * bo
     precision = jax.lax.Precision.HIGHEST if h_ref.dtype == jnp.float32 else None
 
     def add_product(h, b, tile):
-        delta = jnp.dot(h, b, preferred_element_type=jnp.float32, precision=precision)
-        plt.store(tile, (plt.load(tile).astype(jnp.float32) + delta).astype(out_ref.dtype))
+        add_into(tile, jnp.dot(h, b, preferred_element_type=jnp.float32, precision=precision), interpret=interpret)
 
     # Interior tiles take contiguous slices: with the edge form's gathers in every tile the layer took
     # 1014 instead of 926 us at 16384 tokens, 4096 -> 4096 (bench/NOTES.md).
@@ -89,7 +90,8 @@ def _forward_kernel(h, b, y, blocks: DenseExpandBlockSizes, interpret: bool):
     k_pad = max(pl.next_power_of_2(k), 16)  # Triton's tile rule; the zero columns add nothing
     h = jnp.pad(h, ((0, 0), (0, k_pad - k)))
     b = jnp.pad(b, ((0, k_pad - k), (0, 0)))
-    kernel = functools.partial(_kernel, tokens=m, out_features=out_features, rank_block=k_pad, blocks=blocks)
+    kernel = functools.partial(_kernel, tokens=m, out_features=out_features, rank_block=k_pad, interpret=interpret,
+                               blocks=blocks)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),

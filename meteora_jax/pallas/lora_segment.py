@@ -13,7 +13,7 @@ first the expand took 1.2-1.3x longer on an H100 (bench/NOTES.md). Only the chos
 A block's padding lanes repeat its first token (same row, same coefficient), and columns past the
 output's edge repeat its last column: every duplicate lane computes and writes the same value as the
 lane it copies, which is harmless on the GPU and in interpret mode (which emulates masked stores by
-read-modify-write), so the output needs no scratch row or padded columns.
+read-modify-write; meteora_jax/pallas/in_place.py), so the output needs no scratch row or padded columns.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from meteora_jax.pallas.block_sizes import check_powers_of_two
+from meteora_jax.pallas.in_place import add_into
 from meteora_jax.pallas.lora_gather import _check_shapes
 
 
@@ -124,7 +125,7 @@ def _shrink_kernel(rows_ref, block_adapter_ref, x_ref, a_ref, h_ref, *, in_featu
 
 
 def _expand_kernel(rows_ref, coef_ref, block_adapter_ref, h_ref, b_ref, y_ref, out_ref, *, first_block, out_features,
-                   rank, rank_block, spans, blocks: SegmentBlockSizes):
+                   rank, rank_block, spans, interpret, blocks: SegmentBlockSizes):
     del y_ref  # aliased to out_ref, which is read and written in place
     g, tile_index = first_block + pl.program_id(0), pl.program_id(1)
     adapter = block_adapter_ref[g]
@@ -141,9 +142,8 @@ def _expand_kernel(rows_ref, coef_ref, block_adapter_ref, h_ref, b_ref, y_ref, o
         cols = jnp.minimum(tile_index * bo + jnp.arange(bo), out_features - 1)  # past the edge: the last column
         b = plt.load(b_ref.at[adapter, jnp.minimum(ranks, rank - 1)[:, None], cols[None, :]],
                      mask=(ranks < rank)[:, None], other=0)
-        tile = out_ref.at[rows[:, None], cols[None, :]]
         delta = jnp.dot(h, b, preferred_element_type=jnp.float32, precision=_precision(b_ref.dtype))
-        plt.store(tile, (plt.load(tile).astype(jnp.float32) + delta).astype(out_ref.dtype))
+        add_into(out_ref.at[rows[:, None], cols[None, :]], delta, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
@@ -186,7 +186,7 @@ def lora_segment_add(x, lora_a, lora_b, indices, coef, y, *, blocks: SegmentBloc
     per_slot = block_adapter.shape[0] // indices.shape[1]
     for slot in range(indices.shape[1]):  # one slot at a time: within a slot no two blocks share a token
         expand = functools.partial(_expand_kernel, first_block=slot * per_slot, out_features=out_features, rank=rank,
-                                   rank_block=rank_block, spans=spans, blocks=blocks)
+                                   rank_block=rank_block, spans=spans, interpret=interpret, blocks=blocks)
         y = pl.pallas_call(
             expand,
             out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),

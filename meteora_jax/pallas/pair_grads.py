@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from meteora_jax.pallas.in_place import add_into
 from meteora_jax.pallas.missed_add import (
     MissedAddBlockSizes,
     missed_add_reference,
@@ -43,10 +44,7 @@ def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, g_ref, dx_in_ref, dcoef_in_r
     ranks = jnp.arange(rank_block)
     safe_ranks = jnp.minimum(ranks, rank - 1)[None, :]
 
-    # Features past an edge read and write the last feature: those duplicate lanes compute the very value of the
-    # lane they copy (their x is masked to 0 in the sums), as in lora_segment.py. A barrier between dx's load and
-    # its store keeps a duplicate lane from storing before another warp has loaded that element (which would then
-    # add the update twice): Triton orders no global loads and stores across warps.
+    # Features past an edge read and write the last feature (see in_place.py); their x is masked to 0 in the sums.
     def project(t, adapter):  # u = g B^T
         def step(i, u):
             cols = i * blocks.block_out + jnp.arange(blocks.block_out)
@@ -69,11 +67,7 @@ def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, g_ref, dx_in_ref, dcoef_in_r
             x = plt.load(x_ref.at[t, safe], mask=inside, other=0).astype(jnp.float32)
             a = plt.load(a_ref.at[adapter, safe[:, None], safe_ranks], mask=(ranks < rank)[None, :],
                          other=0).astype(jnp.float32)
-            row = dx_ref.at[t, safe]
-            dx = plt.load(row).astype(jnp.float32) + jnp.sum(a * cu[None, :], axis=1)
-            if not interpret:  # the interpreter runs each load and store whole, and has no barrier
-                plt.debug_barrier()
-            plt.store(row, dx.astype(dx_ref.dtype))
+            add_into(dx_ref.at[t, safe], jnp.sum(a * cu[None, :], axis=1), interpret=interpret)
             return h + jnp.sum(x[:, None] * a, axis=0)
 
         steps = pl.cdiv(in_features, blocks.block_in)
