@@ -1,8 +1,9 @@
 """Block sizes of the `fused` strategy's miss path (meteora_jax/pallas/missed_add.py): device (kernel) time of the
 per-token remainder on the choices that miss their tile's slots, bf16, r = 8, with each run's error against the
 plain reference. Only the kernel's own time counts (not XLA's copy of y, which the kernel updates in place
-and a layer hands over). Two routings: runs of 96 tokens (meteora_layer.py --segment-tokens 96; a 256-token tile spans
-3-4 runs, so few choices miss) and a random gate (nearly every choice past its tile's 8 most chosen misses).
+and a layer hands over). Three routings: runs of 96 tokens (meteora_layer.py --segment-tokens 96; a 256-token tile
+spans 3-4 runs, so few choices miss), runs of 48 (11-25% miss) and a random gate (nearly every choice past its
+tile's 8 most chosen misses).
 
 Usage: python bench/missed_add_tuning.py [--out FILE]   (GPU)
 """
@@ -30,13 +31,16 @@ from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add, misse
 from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes  # noqa: E402
 
 CASES = (Case(4096, 4096, 256, 16384), Case(4096, 4096, 1024, 4096))
-ROUTINGS = ("runs96", "random")
+ROUTINGS = ("runs96", "runs48", "random")
 TILE_TOKENS = RoutedGemmBlockSizes().tile_tokens
 
 
 def block_grid():
-    for programs, spans in itertools.product((256, 1024, 4096), (1, 2, 4)):
-        yield MissedAddBlockSizes(programs=programs, spans=spans)
+    # The first sweep (programs 256-4096 x spans 1-4, block_in 1024; results/missed_add_tuning.json) kept 4096 x 1.
+    # Narrower input steps hold fewer registers, so more programs fit on a multiprocessor at once: the question is
+    # whether that cuts the time of programs that find no miss.
+    for programs, spans, block_in in itertools.product((1024, 4096), (1, 2), (256, 1024)):
+        yield MissedAddBlockSizes(programs=programs, spans=spans, block_in=block_in)
 
 
 def kernel_ms(fn, args) -> float:
@@ -54,7 +58,7 @@ def missed_coefficients(case: Case, p: dict, routing: str):
     if routing == "random":
         x = normal(key, (case.tokens, case.in_features), 1.0)
     else:
-        x = segment_inputs(key, case.tokens, p["gate"], 96)
+        x = segment_inputs(key, case.tokens, p["gate"], int(routing.removeprefix("runs")))
     indices, weights = route(compute_gate_logits(x, p["gate"]), TOP_K, 1.0)
     per_choice = weights * p["scaling"][indices]
     slots = slot_count(p["lora_a"].shape[-1])

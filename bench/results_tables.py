@@ -292,21 +292,22 @@ def fused_tiles_section(run: dict, validation: dict, slots: str) -> list[str]:
     ]
 
 
-def missed_add_section(run: dict) -> list[str]:
+def missed_add_section(run: dict, subtitle: str = "") -> list[str]:
     env, rows = run["environment"], run["rows"]
     lines = [
-        "## The `fused` strategy's miss path, block sizes (`missed_add_tuning.py`)\n",
+        f"## The `fused` strategy's miss path, block sizes (`missed_add_tuning.py`){subtitle}\n",
         f"Date {env['date'][:10]}; {env['device']}; jax {env['versions']['jax']}. The per-token remainder alone "
         "(its kernel's own time, without XLA's copy of y), 4096 -> 4096, bf16, r = 8, k = 2, on the choices that "
-        "miss their 256-token tile's 8 most chosen adapters; programs x output spans per token.\n",
-        "| N | T | routing | choices missed | programs | spans | kernel us |",
-        "|---:|---:|---|---:|---:|---:|---:|",
+        "miss their 256-token tile's 8 most chosen adapters; programs x output spans per token, input features per "
+        "step.\n",
+        "| N | T | routing | choices missed | programs | spans | block_in | kernel us |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         blocks = dict(item.split("=") for item in r["blocks"][r["blocks"].index("(") + 1:-1].split(", "))
         time = f"{r['kernel_ms'] * 1e3:.1f}" if r.get("kernel_ms") else r.get("error", "-")[:40]
         lines.append(f"| {r['adapters']} | {r['tokens']} | {r['routing']} | {r['missed_share']:.2%} | "
-                     f"{blocks['programs']} | {blocks['spans']} | {time} |")
+                     f"{blocks['programs']} | {blocks['spans']} | {blocks['block_in']} | {time} |")
     return lines + [""]
 
 
@@ -492,6 +493,7 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_fused_runs48.json")],
                            "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
                            "tile's slots), bfloat16 gates", "chained")
+    lines += missed_add_section(load("missed_add_tuning_block_in.json"), ", input steps and runs of 48 tokens")
     lines += missed_add_section(load("missed_add_tuning.json"))
     lines += layer_section([load("meteora_layer_fused_segments_gate_bf16.json")],
                            "MeteoRA layer with the `fused` strategy (routed GEMM), routing in runs, bfloat16 gates",
