@@ -65,19 +65,24 @@ def dense_expand(h, b, y):
     return dense_expand_add(h, b, y, interpret=False)
 
 
+# Each case: the layer, its operands, and the kernels its module must call: ours by name, "mosaic_gpu" for the
+# routed GEMM (Mosaic GPU names it no more precisely).
 CASES = {
-    "pallas mixture, decode (gather kernel)": (forward_and_backward(mixture), mixture_operands(4), {"triton"}),
-    "pallas mixture, prefill (segment kernels)": (forward_and_backward(mixture), mixture_operands(64), {"triton"}),
+    "pallas mixture, decode (gather kernel)": (forward_and_backward(mixture), mixture_operands(4),
+                                               {"meteora_lora_gather"}),
+    "pallas mixture, prefill (segment kernels)": (forward_and_backward(mixture), mixture_operands(64),
+                                                  {"meteora_lora_shrink", "meteora_lora_expand"}),
     "decode layer (gate, routing, shrink, expand)": (
         decode, (spec((4, IN)), spec((IN, N), jnp.float32), spec((4, OUT)), spec((N, IN, R)), spec((N, R, OUT)),
-                 spec((N,), jnp.float32)), {"triton"}),
-    "dense expand": (dense_expand, (spec((64, N * R)), spec((N * R, OUT)), spec((64, OUT))), {"triton"}),
+                 spec((N,), jnp.float32)), {"meteora_decode_gate", "meteora_decode_route_shrink",
+                                            "meteora_decode_expand_add"}),
+    "dense expand": (dense_expand, (spec((64, N * R)), spec((N * R, OUT)), spec((64, OUT))), {"meteora_dense_expand"}),
     "fused (tile shrink, routed GEMM, missed add)": (
         forward_and_backward(fused), (spec((256, IN)), spec((IN, OUT)), *mixture_operands(256)[1:]),
-        {"triton", "mosaic_gpu"}),
+        {"meteora_tile_shrink", "mosaic_gpu", "meteora_missed_add", "meteora_pair_grads"}),
     "tile shrink reading A transposed": (
         shrink_of_transposed_a, (spec((256, IN)), spec((N, IN, R)), spec((1, 64 // R), jnp.int32),
-                                 spec((256, 64 // R), jnp.float32)), {"triton"}),
+                                 spec((256, 64 // R), jnp.float32)), {"meteora_tile_shrink"}),
 }
 
 
@@ -104,8 +109,10 @@ def test_kernels_lower_for_cuda(name, monkeypatch, cuda_lowering):
     routed_gemm = importlib.import_module("meteora_jax.pallas.routed_gemm")
     monkeypatch.setattr(routed_gemm, "on_hopper", lambda: True)
     monkeypatch.setattr(routed_gemm, "program_count", lambda interpret: 132)  # an H100's multiprocessors
-    fn, operands, backends = CASES[name]
+    fn, operands, kernels = CASES[name]
     module = jax.jit(fn).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
     calls = set(re.findall(r"stablehlo.custom_call @([\w$.]+)", module))
     # Triton kernels: __gpu$xla.gpu.triton (jaxlib 0.10) or triton_kernel_call_ffi; Mosaic GPU: mosaic_gpu_v2.
-    assert {backend for backend in ("triton", "mosaic_gpu") if any(backend in call for call in calls)} == backends
+    backends = {backend for backend in ("triton", "mosaic_gpu") if any(backend in call for call in calls)}
+    assert backends == {"triton"} | (kernels & {"mosaic_gpu"})
+    assert set(re.findall(r"meteora_(?!jax\b)[a-z_]+", module)) | (backends & {"mosaic_gpu"}) == kernels
