@@ -341,14 +341,18 @@ def measure_variant(variant: str, inputs: Sequence[tuple], plan: Plan) -> dict[s
 def kernel_ms_per_call(compiled, args: tuple, calls: int) -> float | None:
     """The device's kernel time per layer call: the profiler's kernel durations of one program run,
     summed, over its calls; the median of KERNEL_TIME_RUNS runs. None where the trace has no GPU kernels."""
+    total = traced_kernel_ms(compiled, args)
+    return total / calls if total else None
+
+
+def traced_kernel_ms(fn, args: tuple, kernel: str | None = None) -> float:
+    """Device time of one fn(*args): the profiler's kernel durations (of the kernel named `kernel` alone, if
+    given) summed, in ms; the median of KERNEL_TIME_RUNS runs."""
     totals = []
     for _ in range(KERNEL_TIME_RUNS):
-        events = traced_kernel_events(lambda: jax.block_until_ready(compiled(*args)))
-        if not events:
-            return None
-        totals.append(sum(duration for _, _, duration in events) / calls / 1e6)
+        events = traced_kernel_events(lambda: jax.block_until_ready(fn(*args)))
+        totals.append(sum(duration for name, _, duration in events if kernel in (None, name)) / 1e6)
     return statistics.median(totals)
-
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Each variant's time against base, lora and the fastest XLA strategy of its case, and its

@@ -11,7 +11,6 @@ Usage: python bench/missed_add_tuning.py [--out FILE]   (GPU)
 from __future__ import annotations
 
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from block_sweep import fastest, output_path, sweep, write_rows  # noqa: E402
-from meteora_layer import KERNEL_TIME_RUNS, TOP_K, Case, make_params, normal, route, segment_inputs  # noqa: E402
-from profile_events import traced_kernel_events  # noqa: E402
+from meteora_layer import TOP_K, Case, make_params, normal, route, segment_inputs, traced_kernel_ms  # noqa: E402
 
 from meteora_jax.lora_mixture import compute_gate_logits  # noqa: E402
 from meteora_jax.pallas.fused_linear import slot_count, tile_slots  # noqa: E402
@@ -41,15 +39,6 @@ def block_grid():
     # whether that cuts the time of programs that find no miss.
     for programs, spans, block_in in itertools.product((1024, 4096), (1, 2), (256, 1024)):
         yield MissedAddBlockSizes(programs=programs, spans=spans, block_in=block_in)
-
-
-def kernel_ms(fn, args) -> float:
-    """The miss kernel's own device time per call, the median of KERNEL_TIME_RUNS traced calls."""
-    runs = []
-    for _ in range(KERNEL_TIME_RUNS):
-        events = traced_kernel_events(lambda: jax.block_until_ready(fn(*args)))
-        runs.append(sum(duration for name, _, duration in events if name == "meteora_missed_add") / 1e6)
-    return statistics.median(runs)
 
 
 def missed_coefficients(case: Case, p: dict, routing: str):
@@ -81,7 +70,7 @@ def main() -> None:
             fn = jax.jit(lambda *a: missed_add(*a, blocks=blocks))
             got = fn(*args).astype(jnp.float32) - y
             return {"rel_err": float(jnp.linalg.norm(got - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30)),
-                    "kernel_ms": kernel_ms(fn, args)}
+                    "kernel_ms": traced_kernel_ms(fn, args, "meteora_missed_add")}
 
         configs = sweep({"adapters": case.adapters, "tokens": case.tokens, "routing": routing, "missed_share": share},
                         "blocks", block_grid(), measure)

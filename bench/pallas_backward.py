@@ -9,7 +9,6 @@ Usage: python bench/pallas_backward.py [--out FILE]   (GPU)
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,8 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from block_sweep import output_path, write_rows  # noqa: E402
-from meteora_layer import KERNEL_TIME_RUNS, TOP_K, Case, make_params, normal, route, segment_inputs  # noqa: E402
-from profile_events import traced_kernel_events  # noqa: E402
+from meteora_layer import TOP_K, Case, make_params, normal, route, segment_inputs, traced_kernel_ms  # noqa: E402
 
 from meteora_jax.lora_mixture import compute_gate_logits  # noqa: E402
 from meteora_jax.pallas.lora_segment import SegmentBlockSizes, lora_segment_add  # noqa: E402
@@ -45,14 +43,6 @@ def gathered_form(x, lora_a, lora_b, indices, coef, g):
     return dx, jnp.sum(hx * hg, axis=-1)
 
 
-def kernel_ms(compiled, args) -> float:
-    runs = []
-    for _ in range(KERNEL_TIME_RUNS):
-        events = traced_kernel_events(lambda: jax.block_until_ready(compiled(*args)))
-        runs.append(sum(duration for _, _, duration in events) / 1e6)
-    return statistics.median(runs)
-
-
 def operands(case: Case, routing: str):
     p = make_params(case, jax.random.key(case.adapters), gate_dtype="bfloat16")
     key = jax.random.key(case.tokens)
@@ -73,7 +63,7 @@ def measure(name: str, fn, args, ref, base: dict) -> dict:
     try:
         compiled = jax.jit(fn).lower(*args).compile()
         dx, dcoef = compiled(*args)
-        return base | {"form": name, "kernel_ms": kernel_ms(compiled, args),
+        return base | {"form": name, "kernel_ms": traced_kernel_ms(compiled, args),
                        "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
                        "dx_rel_err": rel_error(dx, ref[0]), "dcoef_rel_err": rel_error(dcoef, ref[1])}
     except Exception as error:  # one form's failure (e.g. out of memory) must not end the sweep

@@ -10,7 +10,6 @@ Usage: python bench/tile_shrink_tuning.py [--out FILE]   (GPU)
 from __future__ import annotations
 
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,15 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from block_sweep import fastest, output_path, sweep, write_rows  # noqa: E402
 from meteora_layer import (  # noqa: E402
-    KERNEL_TIME_RUNS,
     TOP_K,
     Case,
     kernel_ms_per_call,
     make_params,
     route,
     segment_inputs,
+    traced_kernel_ms,
 )
-from profile_events import traced_kernel_events  # noqa: E402
 
 from meteora_jax.lora_mixture import compute_gate_logits  # noqa: E402
 from meteora_jax.pallas.fused_linear import slot_coefficients, slot_count, tile_slots  # noqa: E402
@@ -48,15 +46,6 @@ def block_grid():
                                                                          (False, True)):
         yield TileShrinkBlockSizes(block_tokens=tokens, block_in=block_in, num_warps=warps, splits=splits,
                                    transpose_a=transpose)
-
-
-def shrink_kernel_ms(compiled, args) -> float:
-    """The shrink kernel's own device time per call, the median of KERNEL_TIME_RUNS traced calls."""
-    runs = []
-    for _ in range(KERNEL_TIME_RUNS):
-        events = traced_kernel_events(lambda: jax.block_until_ready(compiled(*args)))
-        runs.append(sum(duration for name, _, duration in events if name == "meteora_tile_shrink") / 1e6)
-    return statistics.median(runs)
 
 
 def main() -> None:
@@ -81,7 +70,7 @@ def main() -> None:
             compiled = fn.lower(*args).compile()
             return {"rel_err": float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)),
                     "kernel_ms": kernel_ms_per_call(compiled, args, 1),
-                    "shrink_kernel_ms": shrink_kernel_ms(compiled, args)}
+                    "shrink_kernel_ms": traced_kernel_ms(compiled, args, "meteora_tile_shrink")}
 
         configs = sweep({"adapters": case.adapters, "tokens": case.tokens, "form": "tile_shrink"}, "blocks",
                         block_grid(), measure)
