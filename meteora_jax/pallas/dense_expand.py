@@ -43,8 +43,9 @@ def _kernel(h_ref, b_ref, y_ref, out_ref, *, tokens, out_features, rank_block, i
     first_row, first_col = pl.program_id(0) * bt, pl.program_id(1) * bo
     precision = jax.lax.Precision.HIGHEST if h_ref.dtype == jnp.float32 else None
 
-    def add_product(h, b, tile):
-        add_into(tile, jnp.dot(h, b, preferred_element_type=jnp.float32, precision=precision), interpret=interpret)
+    def add_product(h, b, tile, repeated_lanes):
+        add_into(tile, jnp.dot(h, b, preferred_element_type=jnp.float32, precision=precision), interpret=interpret,
+                 repeated_lanes=repeated_lanes)
 
     # Interior tiles take contiguous slices: with the edge form's gathers in every tile the layer took
     # 1014 instead of 926 us at 16384 tokens, 4096 -> 4096 (bench/NOTES.md).
@@ -52,7 +53,7 @@ def _kernel(h_ref, b_ref, y_ref, out_ref, *, tokens, out_features, rank_block, i
     def _():
         add_product(plt.load(h_ref.at[pl.ds(first_row, bt), pl.ds(0, rank_block)]),
                     plt.load(b_ref.at[pl.ds(0, rank_block), pl.ds(first_col, bo)]),
-                    out_ref.at[pl.ds(first_row, bt), pl.ds(first_col, bo)])
+                    out_ref.at[pl.ds(first_row, bt), pl.ds(first_col, bo)], repeated_lanes=False)
 
     @pl.when((first_row + bt > tokens) | (first_col + bo > out_features))
     def _():
@@ -62,7 +63,7 @@ def _kernel(h_ref, b_ref, y_ref, out_ref, *, tokens, out_features, rank_block, i
         # Gathers index with integer arrays on both axes: interpret mode cannot mix them with slices.
         add_product(plt.load(h_ref.at[rows[:, None], ranks[None, :]]),
                     plt.load(b_ref.at[ranks[:, None], cols[None, :]]),
-                    out_ref.at[rows[:, None], cols[None, :]])
+                    out_ref.at[rows[:, None], cols[None, :]], repeated_lanes=True)
 
 
 def dense_expand_reference(h, b, y):

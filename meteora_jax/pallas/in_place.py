@@ -15,9 +15,10 @@ import jax.numpy as jnp
 from jax.experimental.pallas import triton as plt
 
 
-def add_into(tile, delta, *, interpret: bool) -> None:
-    """tile += delta (float32), in tile's dtype; tile is a ref view whose lanes may repeat addresses."""
+def add_into(tile, delta, *, interpret: bool, repeated_lanes: bool = True) -> None:
+    """tile += delta (float32), in tile's dtype; tile is a ref view whose lanes may repeat addresses (without
+    `repeated_lanes`, each lane is its own element and needs no barrier)."""
     total = plt.load(tile).astype(jnp.float32) + delta
-    if not interpret:
+    if repeated_lanes and not interpret:
         plt.debug_barrier()
     plt.store(tile, total.astype(tile.dtype))
