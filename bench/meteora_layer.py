@@ -354,6 +354,7 @@ def traced_kernel_ms(fn, args: tuple, kernel: str | None = None) -> float:
         totals.append(sum(duration for name, _, duration in events if kernel in (None, name)) / 1e6)
     return statistics.median(totals)
 
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Each variant's time against base, lora and the fastest XLA strategy of its case, and its
     temporaries against lora's."""
