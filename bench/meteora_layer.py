@@ -345,13 +345,14 @@ def kernel_ms_per_call(compiled, args: tuple, calls: int) -> float | None:
     return total / calls if total else None
 
 
-def traced_kernel_ms(fn, args: tuple, kernel: str | None = None) -> float:
-    """Device time of one fn(*args): the profiler's kernel durations (of the kernel named `kernel` alone, if
+def traced_kernel_ms(fn, args: tuple, kernels: str | tuple[str, ...] | None = None) -> float:
+    """Device time of one fn(*args): the profiler's kernel durations (of the kernels named in `kernels` alone, if
     given) summed, in ms; the median of KERNEL_TIME_RUNS runs."""
+    names = (kernels,) if isinstance(kernels, str) else kernels
     totals = []
     for _ in range(KERNEL_TIME_RUNS):
         events = traced_kernel_events(lambda: jax.block_until_ready(fn(*args)))
-        totals.append(sum(duration for name, _, duration in events if kernel in (None, name)) / 1e6)
+        totals.append(sum(duration for name, _, duration in events if names is None or name in names) / 1e6)
     return statistics.median(totals)
 
 

@@ -1,6 +1,6 @@
 """Block sizes of the `fused` strategy's miss path (meteora_jax/pallas/missed_add.py): device (kernel) time of the
 per-token remainder on the choices that miss their tile's slots, bf16, r = 8, with each run's error against the
-plain reference. Only the kernel's own time counts (not XLA's copy of y, which the kernel updates in place
+plain reference. Only the kernels' own time counts (not XLA's copy of y, which the expand pass updates in place
 and a layer hands over). Three routings: runs of 96 tokens (meteora_layer.py --segment-tokens 96; a 256-token tile
 spans 3-4 runs, so few choices miss), runs of 48 (11-25% miss) and a random gate (nearly every choice past its
 tile's 8 most chosen misses).
@@ -31,14 +31,14 @@ from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes  # noqa: E402
 CASES = (Case(4096, 4096, 256, 16384), Case(4096, 4096, 1024, 4096))
 ROUTINGS = ("runs96", "runs48", "random")
 TILE_TOKENS = RoutedGemmBlockSizes().tile_tokens
+MISS_KERNELS = ("meteora_missed_shrink", "meteora_missed_add")
 
 
 def block_grid():
-    # The first sweep (programs 256-4096 x spans 1-4, block_in 1024; results/missed_add_tuning.json) kept 4096 x 1.
-    # Narrower input steps hold fewer registers, so more programs fit on a multiprocessor at once: the question is
-    # whether that cuts the time of programs that find no miss.
-    for programs, spans, block_in in itertools.product((1024, 4096), (1, 2), (256, 1024)):
-        yield MissedAddBlockSizes(programs=programs, spans=spans, block_in=block_in)
+    # Two passes (a shrink, then an expand whose programs each take one output span) against the one-pass kernel's
+    # ~20 us for a lone miss: the sweep over programs per pass, and spans of one or four block_out steps.
+    for programs, expand_programs, span_out in itertools.product((1024, 4096), (256, 1024, 4096), (256, 1024)):
+        yield MissedAddBlockSizes(programs=programs, expand_programs=expand_programs, span_out=span_out)
 
 
 def missed_coefficients(case: Case, p: dict, routing: str):
@@ -70,7 +70,7 @@ def main() -> None:
             fn = jax.jit(lambda *a: missed_add(*a, blocks=blocks))
             got = fn(*args).astype(jnp.float32) - y
             return {"rel_err": float(jnp.linalg.norm(got - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30)),
-                    "kernel_ms": traced_kernel_ms(fn, args, "meteora_missed_add")}
+                    "kernel_ms": traced_kernel_ms(fn, args, MISS_KERNELS)}
 
         configs = sweep({"adapters": case.adapters, "tokens": case.tokens, "routing": routing, "missed_share": share},
                         "blocks", block_grid(), measure)

@@ -311,6 +311,29 @@ def missed_add_section(run: dict, subtitle: str = "") -> list[str]:
     return lines + [""]
 
 
+def missed_two_pass_section(run: dict, one_pass: list[dict]) -> list[str]:
+    env, rows = run["environment"], run["rows"]
+    baseline = {(r["adapters"], r["tokens"], r["routing"]): r["kernel_ms"] for r in one_pass}
+    lines = [
+        "## The `fused` strategy's miss path in two passes, block sizes (`missed_add_tuning.py`)\n",
+        f"Date {env['date'][:10]}; {env['device']}; jax {env['versions']['jax']}. The shrink and expand passes "
+        "together (their kernels' own time, without XLA's copy of y), 4096 -> 4096, bf16, r = 8, k = 2, on the "
+        "choices that miss their 256-token tile's 8 most chosen adapters; shrink programs, expand programs and "
+        "outputs per expand program (this run named them `spans`: None for one 256-output step, 4 for 1024 "
+        "outputs), against the one-pass kernel of commit 01b42aa with its defaults in the same run.\n",
+        "| N | T | routing | choices missed | programs | expand_programs | span_out | kernel us | one pass us |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        blocks = dict(item.split("=") for item in r["blocks"][r["blocks"].index("(") + 1:-1].split(", "))
+        span_out = 256 if blocks["spans"] == "None" else 4096 // int(blocks["spans"])
+        time = f"{r['kernel_ms'] * 1e3:.1f}" if r.get("kernel_ms") else r.get("error", "-")[:40]
+        before = baseline[(r["adapters"], r["tokens"], r["routing"])] * 1e3
+        lines.append(f"| {r['adapters']} | {r['tokens']} | {r['routing']} | {r['missed_share']:.2%} | "
+                     f"{blocks['programs']} | {blocks['expand_programs']} | {span_out} | {time} | {before:.1f} |")
+    return lines + [""]
+
+
 def tile_adapters_section(run: dict) -> list[str]:
     lines = [
         "## Per-tile adapter mixture, a design experiment (`tile_adapters.py`)\n",
@@ -493,6 +516,11 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_fused_runs48.json")],
                            "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
                            "tile's slots), bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_two_pass_misses.json")],
+                           "MeteoRA layer with `fused`, the miss path in two passes, routing in runs of 96 tokens, "
+                           "bfloat16 gates", "chained")
+    lines += missed_two_pass_section(load("missed_add_tuning_two_pass.json"),
+                                     load("missed_add_one_pass_same_run.json"))
     lines += missed_add_section(load("missed_add_tuning_block_in.json"), ", input steps and runs of 48 tokens")
     lines += missed_add_section(load("missed_add_tuning.json"))
     lines += layer_section([load("meteora_layer_fused_segments_gate_bf16.json")],

@@ -157,8 +157,9 @@ def test_tile_slots_hold_each_tile_s_most_chosen_and_point_at_them(seed, adapter
         assert held.sum() == np.sort(counts)[::-1][:slots].sum()
 
 
-@pytest.mark.parametrize("programs", [1, 20])  # 20: 3 tokens per program, the last 12 programs own only 2
-def test_missed_add_matches_reference_interpreted(programs):
+# 20: 3 tokens per program, the last 12 programs own only 2
+@pytest.mark.parametrize("programs, expand_programs", [(1, 1), (20, 7), (64, 48)])
+def test_missed_add_matches_reference_interpreted(programs, expand_programs):
     rng = np.random.default_rng(2)
     t, i, o, n, r = 48, 64, 128, 6, 8
     x, a, b = normal(rng, (t, i), dtype=jnp.float32), normal(rng, (n, i, r), dtype=jnp.float32), normal(
@@ -167,13 +168,14 @@ def test_missed_add_matches_reference_interpreted(programs):
     coef = jnp.asarray(rng.standard_normal((t, 2)) * (rng.random((t, 2)) < 0.3), jnp.float32).at[:8].set(0)
     coef = coef.at[9].set(1.5)  # both choices of one token: its program adds them one after the other
     y = normal(rng, (t, o), dtype=jnp.float32)
-    blocks = MissedAddBlockSizes(programs=programs, spans=2, block_in=32, block_out=32)
+    blocks = MissedAddBlockSizes(programs=programs, expand_programs=expand_programs, span_out=64, block_in=32,
+                                 block_out=32)
     ours = missed_add(x, a, b, indices, coef, y, blocks=blocks, interpret=INTERPRET)
     assert rel_error(ours - y, missed_add_reference(x, a, b, indices, coef, y) - y) < 1e-5
     np.testing.assert_array_equal(ours[:8], y[:8])  # tokens with no misses are left as they were
     nothing = missed_add(x, a, b, indices, jnp.zeros_like(coef), y, blocks=blocks, interpret=INTERPRET)
     np.testing.assert_array_equal(nothing, y)
-    with pytest.raises(ValueError, match="does not tile by 32 inputs and 2 spans of 32 outputs"):
+    with pytest.raises(ValueError, match="does not tile by 32 inputs and spans of 64 outputs"):
         missed_add(x, a, b[:, :, :96], indices, coef, y[:, :96], blocks=blocks, interpret=True)
 
 

@@ -77,9 +77,9 @@ CASES = {
                  spec((N,), jnp.float32)), {"meteora_decode_gate", "meteora_decode_route_shrink",
                                             "meteora_decode_expand_add"}),
     "dense expand": (dense_expand, (spec((64, N * R)), spec((N * R, OUT)), spec((64, OUT))), {"meteora_dense_expand"}),
-    "fused (tile shrink, routed GEMM, missed add)": (
+    "fused (tile shrink, routed GEMM, missed shrink and add)": (
         forward_and_backward(fused), (spec((256, IN)), spec((IN, OUT)), *mixture_operands(256)[1:]),
-        {"meteora_tile_shrink", "mosaic_gpu", "meteora_missed_add", "meteora_pair_grads"}),
+        {"meteora_tile_shrink", "mosaic_gpu", "meteora_missed_shrink", "meteora_missed_add", "meteora_pair_grads"}),
     "tile shrink reading A transposed": (
         shrink_of_transposed_a, (spec((256, IN)), spec((N, IN, R)), spec((1, 64 // R), jnp.int32),
                                  spec((256, 64 // R), jnp.float32)), {"meteora_tile_shrink"}),

@@ -10,6 +10,7 @@ meteora_jax/pallas/pair_grads.py gives their gradients the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add
-from meteora_jax.pallas.pair_grads import pair_adapter_grads, pair_input_grads
+from meteora_jax.pallas.pair_grads import PAIR_PROGRAMS, pair_adapter_grads, pair_input_grads
 from meteora_jax.pallas.routed_gemm import LANE, RoutedGemmBlockSizes, routed_gemm, routed_gemm_reference
 from meteora_jax.pallas.tile_shrink import tile_shrink
 
@@ -120,6 +121,7 @@ def _add_missed(x, y, lora_a, lora_b, indices, missed, interpret):
 def _missed_blocks(x, y):
     i, o = x.shape[1], y.shape[1]
     return MissedAddBlockSizes(block_in=math.gcd(i, MissedAddBlockSizes.block_in),
+                               span_out=math.gcd(o, MissedAddBlockSizes.span_out),
                                block_out=math.gcd(o, MissedAddBlockSizes.block_out))
 
 
@@ -133,8 +135,8 @@ def _add_missed_backward(interpret, residuals, g):
     through the GEMM's) or have routing weight exactly 0, whose softmax derivative is 0 too (the adapters'
     scaling, which would need it, never trains)."""
     x, lora_a, lora_b, indices, missed = residuals
-    dx, dmissed = pair_input_grads(x, lora_a, lora_b, indices, missed, g, blocks=_missed_blocks(x, g),
-                                   interpret=interpret)
+    blocks = dataclasses.replace(_missed_blocks(x, g), programs=PAIR_PROGRAMS)
+    dx, dmissed = pair_input_grads(x, lora_a, lora_b, indices, missed, g, blocks=blocks, interpret=interpret)
     da, db = pair_adapter_grads(x, lora_a, lora_b, indices, missed, g)
     return dx, g, da, db, None, dmissed
 

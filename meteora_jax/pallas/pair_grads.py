@@ -27,6 +27,10 @@ from meteora_jax.pallas.missed_add import (
     walk_missed_choices,
 )
 
+# Programs of the pair kernel, which walks its tokens as the one-pass miss kernel did (bench/NOTES.md): 4096 was that
+# kernel's choice, the fastest at 11-25% of the choices missing.
+PAIR_PROGRAMS = 4096
+
 
 def pair_input_grads_reference(x, lora_a, lora_b, indices, coef, g):
     """(dx in x's dtype, dcoef [T, K] float32) of the sum for y's cotangent g, in float32, over every pair."""
@@ -79,11 +83,12 @@ def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, g_ref, dx_in_ref, dcoef_in_r
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
-def pair_input_grads(x, lora_a, lora_b, indices, coef, g, *, blocks: MissedAddBlockSizes = MissedAddBlockSizes(),
+def pair_input_grads(x, lora_a, lora_b, indices, coef, g, *,
+                     blocks: MissedAddBlockSizes = MissedAddBlockSizes(programs=PAIR_PROGRAMS),
                      interpret: bool = False):
     """(dx [T, I] in x's dtype, dcoef [T, K] float32) of y += sum_j coef[t, j] (x[t] A[idx]) B[idx] for y's
     cotangent g [T, O], over the pairs of nonzero coef (zero elsewhere). Any feature counts: block_in and
-    block_out shrink to them (blocks.spans is not used)."""
+    block_out shrink to them (blocks.expand_programs and span_out are not used)."""
     t, i = x.shape
     n, _, r = lora_a.shape
     o = lora_b.shape[-1]
@@ -93,7 +98,8 @@ def pair_input_grads(x, lora_a, lora_b, indices, coef, g, *, blocks: MissedAddBl
     blocks = dataclasses.replace(blocks, block_in=min(blocks.block_in, max(pl.next_power_of_2(i), 16)),
                                  block_out=min(blocks.block_out, max(pl.next_power_of_2(o), 16)))
     blocks.check()
-    blocks, owned_block = token_ownership(blocks, t)
+    programs, owned_block = token_ownership(blocks.programs, t)
+    blocks = dataclasses.replace(blocks, programs=programs)
     kernel = functools.partial(_kernel, top_k=indices.shape[1], tokens=t, in_features=i, out_features=o, rank=r,
                                rank_block=max(pl.next_power_of_2(r), 16), owned_block=owned_block,
                                interpret=interpret, blocks=blocks)
