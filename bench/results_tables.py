@@ -395,6 +395,32 @@ def gemm_section(base_forms: dict, routed: dict, shrink: dict) -> list[str]:
     return lines
 
 
+def slot_gather_section(check: dict | list, bank_sweep: dict) -> list[str]:
+    """The routed GEMM gathering the slots' B rows itself, against B_tile gathered beforehand by XLA."""
+    env = bank_sweep["environment"]
+    lines = ["## The routed GEMM gathering the slots' B rows (`routed_gemm.py`)\n",
+             f"Date {env['date'][:10]}; {env['device']}; jax {env['versions']['jax']}. Kernel time, 4096 -> 4096, "
+             "bf16; each tile's 8 slots drawn from a bank of 256 adapters at r = 8. `in kernel`: the GEMM reads "
+             "each slot's index and copies its rows by TMA (indices loaded together, today's code); `pre-gathered`: "
+             "the same kernel given B_tile gathered by XLA as a bank of one slot per tile, without the gather's own "
+             "time (`routed_gemm_gather.py`; this run's JSON holds the rows alone).\n",
+             "| T | blocks | in kernel us | pre-gathered us |", "|---:|---|---:|---:|"]
+    for r in check["rows"] if isinstance(check, dict) else check:
+        lines.append(f"| {r['t']} | `{r['blocks'].split('(', 1)[1].rstrip(')')}` | {r['in_kernel_ms'] * 1e3:.1f} | "
+                     f"{r['pre_gathered_ms'] * 1e3:.1f} |")
+    lines += ["", "The block-size sweep of the same kernel, slot indices then loaded one after another "
+              "(`routed_gemm_tuning_bank.json`), best per shape:\n",
+              "| shape | XLA dot ms | best ms | best blocks |", "|---|---:|---:|---|"]
+    rows = bank_sweep["rows"]
+    for shape in sorted({(r["t"], r["i"], r["o"]) for r in rows}):
+        same = [r for r in rows if (r["t"], r["i"], r["o"]) == shape]
+        xla = next(r["kernel_ms"] for r in same if r["form"] == "xla_dot")
+        top = min((r for r in same if r.get("blocks") and r.get("kernel_ms")), key=lambda r: r["kernel_ms"])
+        lines.append(f"| {'x'.join(map(str, shape))} | {xla:.4g} | {top['kernel_ms']:.4g} | "
+                     f"`{top['blocks'].split('(', 1)[1].rstrip(')')}` |")
+    return lines + [""]
+
+
 def training_through_fused_section(runs: list[tuple[str, dict]]) -> list[str]:
     """The training path's step times with `auto` and with `fused` taken in differentiated calls too."""
     first = runs[0][1]
@@ -516,6 +542,10 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_fused_runs48.json")],
                            "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
                            "tile's slots), bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_b_rows_in_gemm.json")],
+                           "MeteoRA layer with `fused`, B rows gathered in the GEMM (64 x 256 tiles, 128-token routing "
+                           "tiles), routing in runs of 96 tokens, bfloat16 gates", "chained")
+    lines += slot_gather_section(load("routed_gemm_gather.json"), load("routed_gemm_tuning_bank.json"))
     lines += layer_section([load("meteora_layer_two_pass_misses.json")],
                            "MeteoRA layer with `fused`, the miss path in two passes, routing in runs of 96 tokens, "
                            "bfloat16 gates", "chained")

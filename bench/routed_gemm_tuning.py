@@ -1,5 +1,6 @@
 """Block sizes of the routed GEMM (meteora_jax/pallas/routed_gemm.py) against XLA's dot and XLA's LoRA form,
-device (kernel) time at prefill shapes, with each run's error against the plain reference.
+device (kernel) time at prefill shapes, with each run's error against the plain reference. Each tile's B rows come
+from 8 random slots of a bank of 256 adapters at r = 8, gathered by the kernel.
 
 Usage: python bench/routed_gemm_tuning.py [--out FILE]   (GPU, Hopper)
 """
@@ -23,6 +24,7 @@ from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes, routed_gemm, ro
 
 SHAPES = ((16384, 4096, 4096), (4096, 4096, 4096), (16384, 4096, 14336))
 EXTENSION = 64
+ADAPTERS, RANK = 256, 8
 
 
 def block_grid():
@@ -44,11 +46,12 @@ def main() -> None:
 
         def measure(blocks):
             tiles = t // blocks.tile_tokens
-            b_tile = (jax.random.normal(keys[3], (tiles, EXTENSION, o)) / 8).astype(jnp.bfloat16)
-            got = routed_gemm(x, w, h, b_tile, blocks=blocks).astype(jnp.float32)
-            ref = routed_gemm_reference(x, w, h, b_tile).astype(jnp.float32)
+            bank = (jax.random.normal(keys[3], (ADAPTERS, RANK, o)) / 8).astype(jnp.bfloat16)
+            slots = jax.random.randint(keys[3], (tiles, EXTENSION // RANK), 0, ADAPTERS)
+            got = routed_gemm(x, w, h, bank, slots, blocks=blocks).astype(jnp.float32)
+            ref = routed_gemm_reference(x, w, h, bank, slots).astype(jnp.float32)
             return {"rel_err": float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)),
-                    "kernel_ms": timed(lambda x, w, h, b: routed_gemm(x, w, h, b, blocks=blocks), (x, w, h, b_tile))}
+                    "kernel_ms": timed(lambda *a: routed_gemm(*a, blocks=blocks), (x, w, h, bank, slots))}
 
         configs = sweep({"t": t, "i": i, "o": o, "form": "routed_gemm"}, "blocks", block_grid(), measure)
         rows += configs

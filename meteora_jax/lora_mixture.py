@@ -42,7 +42,7 @@ PALLAS_PREFILL_MIN_TOKENS = 8192
 # default tiles fit (inputs a multiple of FUSED_INPUT_MULTIPLE, outputs of FUSED_OUTPUT_MULTIPLE, rank up
 # to FUSED_MAX_RANK; meteora_jax/pallas/routed_gemm.py): FUSED_TILE_TOKENS tokens per tile share its adapter slots.
 FUSED_MIN_TOKENS = 4096
-FUSED_INPUT_MULTIPLE, FUSED_OUTPUT_MULTIPLE, FUSED_MAX_RANK, FUSED_TILE_TOKENS = 64, 128, 64, 256
+FUSED_INPUT_MULTIPLE, FUSED_OUTPUT_MULTIPLE, FUSED_MAX_RANK, FUSED_TILE_TOKENS = 64, 256, 64, 128
 # The gate matmul pads fewer tokens to this many rows (see compute_gate_logits).
 GATE_MIN_ROWS = 8
 

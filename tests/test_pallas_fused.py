@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from meteora_jax.lora_mixture import gated_output, lora_mixture, mixture_loop
 from meteora_jax.meteora import MeteoraConfig, MeteoraDense
-from meteora_jax.pallas.fused_linear import fused_linear, tile_slots
+from meteora_jax.pallas.fused_linear import fused_linear, slot_count, tile_slots
 from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add, missed_add_reference
 from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes, routed_gemm, routed_gemm_reference
 from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink, tile_shrink_reference
@@ -51,30 +51,39 @@ def reference_layer(x, w, a, b, scaling, indices, weights):
     return f32[0] @ f32[1] + mixture_loop(*f32[:1], *f32[2:], scaling, indices, weights)
 
 
+# A bank of 8-row slots (the adapters' B at r = 8) and of one 64-row slot per tile (B_tile gathered by XLA).
+@pytest.mark.parametrize("rows, bank_size", [(8, 5), (64, 2)])
 @pytest.mark.parametrize("split", ["m", "n"])
-def test_routed_gemm_matches_reference_interpreted(split):
+def test_routed_gemm_matches_reference_interpreted(split, rows, bank_size):
     blocks = RoutedGemmBlockSizes(tile_m=64, tile_n=64, stages=2, split=split, grid_tile_width=2)
     rng = np.random.default_rng(0)
     t, i, o = 2 * blocks.tile_tokens, 192, 2 * blocks.tile_outputs  # more K steps than stages, 2 x 2 tiles
     x, w, h = normal(rng, (t, i)), normal(rng, (i, o), i**-0.5), normal(rng, (t, 64))
-    b_tile = normal(rng, (2, 64, o), 0.125)
-    ours = routed_gemm(x, w, h, b_tile, blocks=blocks, interpret=INTERPRET)
+    bank = normal(rng, (bank_size, rows, o), 0.125)
+    slots = jnp.asarray(rng.integers(0, bank_size, (2, 64 // rows)), jnp.int32)
+    ours = routed_gemm(x, w, h, bank, slots, blocks=blocks, interpret=INTERPRET)
     assert ours.dtype == jnp.bfloat16 and ours.shape == (t, o)
-    f32 = [v.astype(jnp.float32) for v in (x, w, h, b_tile)]
-    assert rel_error(ours, routed_gemm_reference(*f32)) < 4e-3  # bfloat16 rounding of the output
-    delta_only = routed_gemm(jnp.zeros_like(x), w, h, b_tile, blocks=blocks, interpret=INTERPRET)
-    assert rel_error(delta_only, routed_gemm_reference(jnp.zeros_like(f32[0]), *f32[1:])) < 4e-3  # each tile's b
+    f32 = [v.astype(jnp.float32) for v in (x, w, h, bank)]
+    assert rel_error(ours, routed_gemm_reference(*f32, slots)) < 4e-3  # bfloat16 rounding of the output
+    delta_only = routed_gemm(jnp.zeros_like(x), w, h, bank, slots, blocks=blocks, interpret=INTERPRET)
+    expected = routed_gemm_reference(jnp.zeros_like(f32[0]), *f32[1:], slots)
+    assert rel_error(delta_only, expected) < 4e-3  # each tile's own slots, in order
 
 
 def test_routed_gemm_rejects_bad_operands():
     rng = np.random.default_rng(1)
     x, w, h, b_tile = normal(rng, (64, 64)), normal(rng, (64, 128)), normal(rng, (64, 64)), normal(rng, (1, 64, 128))
+    one_slot = jnp.zeros((1, 1), jnp.int32)
     with pytest.raises(ValueError, match="does not tile by 64 tokens x 128 outputs x 64 inputs"):
-        routed_gemm(x[:48], w, h[:48], b_tile, blocks=SMALL_GEMM, interpret=True)
+        routed_gemm(x[:48], w, h[:48], b_tile, one_slot, blocks=SMALL_GEMM, interpret=True)
     with pytest.raises(ValueError, match=r"h \(64, 32\) must be \[64, 64\]"):
-        routed_gemm(x, w, h[:, :32], b_tile, blocks=SMALL_GEMM, interpret=True)
+        routed_gemm(x, w, h[:, :32], b_tile, one_slot, blocks=SMALL_GEMM, interpret=True)
+    with pytest.raises(ValueError, match=r"slots \(1, 2\) must be \[1, 64 // rows\] with the bank's rows \(64\)"):
+        routed_gemm(x, w, h, b_tile, jnp.zeros((1, 2), jnp.int32), blocks=SMALL_GEMM, interpret=True)
+    with pytest.raises(ValueError, match=r"the bank's rows \(12\) a multiple of 8 that divides 64"):
+        routed_gemm(x, w, h, b_tile[:, :12], jnp.zeros((1, 5), jnp.int32), blocks=SMALL_GEMM, interpret=True)
     with pytest.raises(ValueError, match="must all be bfloat16"):
-        routed_gemm(x.astype(jnp.float32), w, h, b_tile, blocks=SMALL_GEMM, interpret=True)
+        routed_gemm(x.astype(jnp.float32), w, h, b_tile, one_slot, blocks=SMALL_GEMM, interpret=True)
     with pytest.raises(ValueError, match="tile_n=96 must be a multiple of 64"):
         RoutedGemmBlockSizes(tile_n=96)
     with pytest.raises(ValueError, match="split='k'"):
@@ -87,7 +96,7 @@ def test_routed_gemm_names_the_gpu_it_needs(monkeypatch):
     # Shapes no other test compiles, so the check runs at this trace.
     x, w, h, b_tile = normal(rng, (128, 64)), normal(rng, (64, 128)), normal(rng, (128, 64)), normal(rng, (2, 64, 128))
     with pytest.raises(ValueError, match=r"runs on a Hopper GPU \(compute capability 9.0: H100, H200\).*found"):
-        routed_gemm(x, w, h, b_tile, blocks=SMALL_GEMM, interpret=False)
+        routed_gemm(x, w, h, b_tile, jnp.arange(2)[:, None], blocks=SMALL_GEMM, interpret=False)
 
 
 @pytest.mark.parametrize("transpose_a", [False, True])
@@ -179,16 +188,18 @@ def test_missed_add_matches_reference_interpreted(programs, expand_programs):
         missed_add(x, a, b[:, :, :96], indices, coef, y[:, :96], blocks=blocks, interpret=True)
 
 
-@pytest.mark.parametrize("case", ["runs", "runs past the slots"])
-def test_fused_linear_matches_loop_with_gradients(case):
+# r = 16: 4 slots per tile, whose B rows the GEMM gathers; r = 12: 5 slots, B_tile gathered by XLA (60 rows)
+@pytest.mark.parametrize("case, r", [("runs", 16), ("runs past the slots", 16), ("runs past the slots", 12)])
+def test_fused_linear_matches_loop_with_gradients(case, r):
     rng = np.random.default_rng(3)
-    t, i, o, n, r = 100, 128, 128, 12, 16  # 100 tokens: padded to 128; r = 16: 4 slots per tile
+    t, i, o, n = 100, 128, 128, 12  # 100 tokens: padded to 128
     x, w, a, b, scaling = layer_operands(rng, t, i, o, n, r)
     indices, weights = runs_of_adapters(rng, t, n, run=32)
     if case == "runs past the slots":  # tile 1 chooses from 8 adapters or more: its extras take missed_add
         indices = indices.at[64:, 1].set(jnp.asarray(rng.integers(0, n, t - 64), jnp.int32))
-    adapters, slot = tile_slots(jnp.pad(indices, ((0, 28), (0, 0))), n, SMALL_GEMM.tile_tokens, 4)
-    assert bool(jnp.any(slot >= 4)) == (case == "runs past the slots")
+    slots = slot_count(r)
+    adapters, slot = tile_slots(jnp.pad(indices, ((0, 28), (0, 0))), n, SMALL_GEMM.tile_tokens, slots)
+    assert bool(jnp.any(slot >= slots)) == (case == "runs past the slots")
 
     def fused(x, weights, w, a, b):
         return fused_linear(x, w, a, b, scaling, indices, weights, blocks=SMALL_GEMM, interpret=INTERPRET)
@@ -239,8 +250,8 @@ def test_fused_rejects_what_it_cannot_run():
 def test_meteora_dense_fused_matches_loop_gated_and_forced():
     rng = np.random.default_rng(5)
     config = MeteoraConfig(num_adapters=6, rank=8, targets=("q_proj",), strategy="loop")
-    layer = MeteoraDense(128, config, dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    x = normal(rng, (2, 40, 64))  # 80 tokens: one padded tile of the default 256
+    layer = MeteoraDense(256, config, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    x = normal(rng, (2, 40, 64))  # 80 tokens: one padded tile of the default 128
     params = flax.core.unfreeze(layer.init(jax.random.key(0), x))
     bank = params["params"]["meteora"]
     bank["lora_b"] = jnp.asarray(rng.standard_normal(bank["lora_b"].shape), jnp.float32)
@@ -269,7 +280,7 @@ def test_auto_takes_fused_for_long_bfloat16_prompts_where_its_tiles_fit(monkeypa
     assert pick(256, 8, long - 1, bf16, square) == "bmm"
     assert pick(256, 8, long, bf16) == "bmm"  # no base weight at hand
     assert pick(256, 8, long, jnp.float32, square) == "bmm"
-    assert pick(256, 8, long, bf16, (576, 576)) == "bmm"  # 576 outputs are not whole 128-output tiles
+    assert pick(256, 8, long, bf16, (576, 576)) == "bmm"  # 576 outputs are not whole 256-output tiles
     assert pick(256, 8, long, bf16, (4000, 4096)) == "bmm"
     assert pick(8, 128, long, bf16, square) == "bmm"  # rank past the GEMM's 64 columns
     assert pick(28, 8, 16, bf16, square) == "pallas"  # the decode kernels
@@ -288,14 +299,14 @@ def test_meteora_dense_auto_offers_fused_only_to_calls_marked_inference(monkeypa
 
     monkeypatch.setattr(meteora, "pick_strategy", pick_fused)
     rng = np.random.default_rng(6)
-    layer = MeteoraDense(128, MeteoraConfig(num_adapters=4, rank=8, targets=("q_proj",)), dtype=jnp.bfloat16)
+    layer = MeteoraDense(256, MeteoraConfig(num_adapters=4, rank=8, targets=("q_proj",)), dtype=jnp.bfloat16)
     x = normal(rng, (1, 40, 64))
     params = layer.init(jax.random.key(0), x)
     for routing in ({}, {"force_adapter": 2}):
         auto = layer.apply(params, x, routing=Routing(strategy="auto", inference=True, **routing))
         np.testing.assert_array_equal(auto, layer.apply(params, x, routing=Routing(strategy="fused", **routing)))
         layer.apply(params, x, routing=Routing(strategy="auto", **routing))  # may be differentiated: no offer
-    assert shapes == [(40, (64, 128))] * 2
+    assert shapes == [(40, (64, 256))] * 2
 
 
 @pytest.mark.gpu
@@ -340,8 +351,9 @@ def test_model_prompt_takes_fused_under_auto_and_matches_loop_on_gpu(monkeypatch
 
     monkeypatch.setattr(lora_mixture, "fused_output", counted_fused_output)  # gated_output's
     monkeypatch.setattr(meteora, "fused_output", counted_fused_output)  # forced routing's
-    # Every projection's in/out features fit the GEMM's tiles (64 inputs, 128 outputs); 4 x 1024 prompt tokens.
-    config = tiny_config(hidden_size=256, intermediate_size=512, vocab_size=128, max_position_embeddings=1024,
+    # Every projection's in/out features fit the GEMM's tiles (64 inputs, 256 outputs: k and v have 2 heads of 128);
+    # 4 x 1024 prompt tokens.
+    config = tiny_config(hidden_size=512, intermediate_size=1024, vocab_size=128, max_position_embeddings=1024,
                          dtype="bfloat16")
     model = LlamaForCausalLM(config, linear=MeteoraLinear(MeteoraConfig(num_adapters=8, rank=8)))
     tokens = jnp.asarray(np.random.default_rng(7).integers(3, 128, (4, 1024)), jnp.int32)

@@ -2,8 +2,8 @@
 
 Per tile of neighbouring tokens the routing keeps its U = 64 // r most chosen adapters as slots (8 at r = 8).
 h [T, 64] holds each token's x A for each slot's adapter times its routing coefficient (zero for slots it did not
-choose; columns past U r zero), b_tile [tiles, 64, O] the slots' B rows; the GEMM adds h @ b_tile in its
-epilogue. A token choice whose adapter missed its tile's slots (a tile spanning more than U adapters) is added
+choose; columns past U r zero); the GEMM gathers the slots' B rows, B_tile [64, O] per tile, and adds h @ B_tile
+in its epilogue. A token choice whose adapter missed its tile's slots (a tile spanning more than U adapters) is added
 afterwards, per token, by meteora_jax/pallas/missed_add.py, whose programs walk only the tokens with a miss;
 meteora_jax/pallas/pair_grads.py gives their gradients the same way.
 """
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add
 from meteora_jax.pallas.pair_grads import PAIR_PROGRAMS, pair_adapter_grads, pair_input_grads
-from meteora_jax.pallas.routed_gemm import LANE, RoutedGemmBlockSizes, routed_gemm, routed_gemm_reference
+from meteora_jax.pallas.routed_gemm import LANE, SLOT_ROW_GROUP, RoutedGemmBlockSizes, routed_gemm
 from meteora_jax.pallas.tile_shrink import tile_shrink
 
 
@@ -78,38 +78,22 @@ def fused_linear(x, w, lora_a, lora_b, scaling, indices, weights, *,
     in_slots = slot < slots
 
     h = tile_shrink(x, lora_a, adapters, per_slot, tile_tokens=blocks.tile_tokens, interpret=interpret)
-    y = _routed_gemm_of_slots(x, w, h, lora_b, adapters, blocks, interpret)
+    y = routed_gemm(x, w, h, *_slot_bank(lora_b, adapters), blocks=blocks, interpret=interpret)
 
     missed = jnp.where(in_slots, 0, per_choice)
     return _add_missed(x, y, lora_a, lora_b, indices, missed, interpret)[:t]
 
 
-def slot_rows(lora_b, adapters):
-    """b_tile [tiles, 64, O]: each tile's slots' B rows, zero past slots x r."""
+def _slot_bank(lora_b, adapters):
+    """(bank, slots) for routed_gemm: the adapters' B itself where r fills whole row groups of its B_tile (r = 8,
+    16, 32, 64), which the GEMM then gathers by copy engine; else each tile's B rows gathered here (zero past
+    slots x r) as a bank of one slot per tile."""
     tiles, slots = adapters.shape
     r = lora_b.shape[1]
+    if r % SLOT_ROW_GROUP == 0 and LANE % r == 0:
+        return lora_b, adapters
     b_tile = lora_b[adapters].reshape(tiles, slots * r, -1)
-    return jnp.pad(b_tile, ((0, 0), (0, LANE - slots * r), (0, 0)))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _routed_gemm_of_slots(x, w, h, lora_b, adapters, blocks, interpret):
-    """routed_gemm over the slots' B rows, which the backward gathers again rather than keeping (a residual
-    [tiles, 64, O] is a quarter of the output's bytes)."""
-    return routed_gemm(x, w, h, slot_rows(lora_b, adapters), blocks=blocks, interpret=interpret)
-
-
-def _routed_gemm_of_slots_forward(x, w, h, lora_b, adapters, blocks, interpret):
-    return _routed_gemm_of_slots(x, w, h, lora_b, adapters, blocks, interpret), (x, w, h, lora_b, adapters)
-
-
-def _routed_gemm_of_slots_backward(blocks, interpret, residuals, g):
-    x, w, h, lora_b, adapters = residuals
-    _, vjp = jax.vjp(lambda x, w, h, b: routed_gemm_reference(x, w, h, slot_rows(b, adapters)), x, w, h, lora_b)
-    return (*vjp(g), None)
-
-
-_routed_gemm_of_slots.defvjp(_routed_gemm_of_slots_forward, _routed_gemm_of_slots_backward)
+    return jnp.pad(b_tile, ((0, 0), (0, LANE - slots * r), (0, 0))), jnp.arange(tiles, dtype=jnp.int32)[:, None]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

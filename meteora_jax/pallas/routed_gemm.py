@@ -1,13 +1,14 @@
 """The base linear with the routed adapters' delta in its epilogue: y = x @ W + h @ B_tile, one Mosaic GPU kernel.
 
 Prefill tokens route in runs (a prompt's tokens of one task choose the same adapters), so a tile of neighbouring
-tokens uses only a few adapters. Per tile of `tile_tokens` tokens the caller gathers the B rows of those adapters
-into b_tile [64, O] (slots x r rows, zero-padded) and the tokens' routed intermediates into h [T, 64] (x A of each
-slot's adapter times the token's routing coefficient for it, zero where the token did not choose it). The kernel
-is a Hopper GEMM (warp-specialised TMA pipeline and wgmma, after jax's example
-jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py, Apache-2.0) whose accumulator takes one more wgmma,
-h_tile @ b_tile, before it is written: the adapters' delta costs no pass over [T, O], which a LoRA added by XLA
-does (bench/NOTES.md).
+tokens uses only a few adapters. Per tile of `tile_tokens` tokens the caller names those adapters' B rows as
+`slots` [tiles, U] into a bank [M, rows, O] (the adapters' B [N, r, O] itself, U x r = 64), and gives the tokens'
+routed intermediates h [T, 64] (x A of each slot's adapter times the token's routing coefficient for it, zero
+where the token did not choose it). The kernel is a Hopper GEMM (warp-specialised TMA pipeline and wgmma, after
+jax's example jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py, Apache-2.0) whose accumulator takes one more
+wgmma, h_tile @ B_tile, before it is written; the copy engine gathers B_tile's rows slot by slot while the K loop
+runs. So the adapters' delta costs no pass over [T, O], which a LoRA added by XLA does, and B_tile is never
+written to memory (bench/NOTES.md).
 
 Mosaic GPU, not the Triton lowering the other kernels use: its pipelined wgmma GEMM measured 1.01-1.04x XLA's
 cuBLAS dot at 4096-16384 tokens (bench/results/base_gemm_forms.json); a Triton-lowered GEMM was not tried.
@@ -31,6 +32,8 @@ from meteora_jax.lora_mixture import on_hopper
 # The copy engine moves and wgmma reads 128-byte swizzled rows: 64 bfloat16 values.
 SWIZZLE_BYTES = 128
 LANE = 64
+# Shared memory holds B_tile in groups of 8 rows: one slot's copy fills whole groups.
+SLOT_ROW_GROUP = 8
 # Warpgroups: two compute, one issuing the copies.
 COMPUTE_WARPGROUPS = 2
 INTERPRET_PROGRAMS = 2
@@ -44,12 +47,14 @@ class RoutedGemmBlockSizes:
     along `split` ("m": tokens, "n": outputs). stages: K steps in flight. grid_tile_width: output tiles per band
     of the programs' snake order over the output. Measured on an H100: bench/NOTES.md."""
 
-    tile_m: int = 128
-    tile_n: int = 128
+    # 64 x 256 tiles: the slots' B rows, gathered per output tile, cost ~2 us at 16384 tokens where 128 x 128
+    # tiles (twice as many) took 73 us more than with B_tile gathered beforehand (bench/NOTES.md).
+    tile_m: int = 64
+    tile_n: int = 256
     tile_k: int = 64
     stages: int = 3
     split: str = "m"
-    grid_tile_width: int = 16
+    grid_tile_width: int = 8
 
     def __post_init__(self):
         for name in ("tile_m", "tile_n", "tile_k"):
@@ -71,8 +76,15 @@ class RoutedGemmBlockSizes:
         return self.tile_n * (COMPUTE_WARPGROUPS if self.split == "n" else 1)
 
 
-def routed_gemm_reference(x, w, h, b_tile):
-    """x @ W + h @ b_tile[tile of each token], float32 accumulation, in x's dtype."""
+def slot_rows(bank, slots):
+    """B_tile [tiles, 64, O]: each tile's slots' rows of the bank, one after the other."""
+    tiles, _ = slots.shape
+    return bank[slots].reshape(tiles, LANE, bank.shape[-1])
+
+
+def routed_gemm_reference(x, w, h, bank, slots):
+    """x @ W + h @ B_tile[tile of each token], float32 accumulation, in x's dtype."""
+    b_tile = slot_rows(bank, slots)
     tiles, e, o = b_tile.shape
     t = x.shape[0]
     delta = jnp.einsum("GTE,GEO->GTO", h.reshape(tiles, t // tiles, e), b_tile,
@@ -80,7 +92,7 @@ def routed_gemm_reference(x, w, h, b_tile):
     return (jnp.dot(x, w, preferred_element_type=jnp.float32) + delta).astype(x.dtype)
 
 
-def check_shapes(x, w, h, b_tile, blocks: RoutedGemmBlockSizes) -> None:
+def check_shapes(x, w, h, bank, slots, blocks: RoutedGemmBlockSizes) -> None:
     """Readable errors for operands the kernel cannot tile."""
     t, i = x.shape
     if w.shape[0] != i:
@@ -92,11 +104,15 @@ def check_shapes(x, w, h, b_tile, blocks: RoutedGemmBlockSizes) -> None:
             f"outputs x {blocks.tile_k} inputs"
         )
     tiles = t // blocks.tile_tokens
-    if h.shape != (t, LANE) or b_tile.shape != (tiles, LANE, o):
-        raise ValueError(f"h {h.shape} must be [{t}, {LANE}] and b_tile {b_tile.shape} [{tiles}, {LANE}, {o}]")
-    if len({x.dtype, w.dtype, h.dtype, b_tile.dtype}) != 1 or x.dtype != jnp.bfloat16:
-        dtypes = ", ".join(str(v.dtype) for v in (x, w, h, b_tile))
-        raise ValueError(f"x, w, h and b_tile must all be bfloat16; got {dtypes}")
+    if h.shape != (t, LANE) or bank.ndim != 3 or bank.shape[2] != o:
+        raise ValueError(f"h {h.shape} must be [{t}, {LANE}] and the bank {bank.shape} [M, rows, {o}]")
+    rows = bank.shape[1]
+    if slots.shape != (tiles, LANE // rows) or LANE % rows or rows % SLOT_ROW_GROUP:
+        raise ValueError(f"slots {slots.shape} must be [{tiles}, 64 // rows] with the bank's rows ({rows}) a multiple "
+                         f"of {SLOT_ROW_GROUP} that divides 64")
+    if len({x.dtype, w.dtype, h.dtype, bank.dtype}) != 1 or x.dtype != jnp.bfloat16:
+        dtypes = ", ".join(str(v.dtype) for v in (x, w, h, bank))
+        raise ValueError(f"x, w, h and the bank must all be bfloat16; got {dtypes}")
 
 
 def _swizzled(columns: int):
@@ -104,7 +120,7 @@ def _swizzled(columns: int):
     return plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)
 
 
-def _kernel(x_gmem, w_gmem, h_gmem, bt_gmem, out_gmem, *, blocks: RoutedGemmBlockSizes):
+def _kernel(x_gmem, w_gmem, h_gmem, bank_gmem, slots_gmem, out_gmem, *, blocks: RoutedGemmBlockSizes):
     t, i = x_gmem.shape
     o = w_gmem.shape[1]
     tile_m, tile_n, tile_k = blocks.tile_m, blocks.tile_n, blocks.tile_k
@@ -113,6 +129,7 @@ def _kernel(x_gmem, w_gmem, h_gmem, bt_gmem, out_gmem, *, blocks: RoutedGemmBloc
     transforms = _swizzled(tile_k)
     lane_transforms = _swizzled(LANE)
     split_m = blocks.split == "m"
+    slot_count, slot_rows_count = slots_gmem.shape[1], bank_gmem.shape[1]
 
     def pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -135,8 +152,8 @@ def _kernel(x_gmem, w_gmem, h_gmem, bt_gmem, out_gmem, *, blocks: RoutedGemmBloc
         pl.run_scoped,
         allocations=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
         h_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, tile_m, LANE), h_gmem.dtype, transforms=lane_transforms),
-        bt_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, LANE, tile_n), bt_gmem.dtype, transforms=lane_transforms),
-        barrier=plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WARPGROUPS),  # h and b_tile
+        bt_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, LANE, tile_n), bank_gmem.dtype, transforms=lane_transforms),
+        barrier=plgpu.Barrier(num_arrivals=1 + slot_count, num_barriers=COMPUTE_WARPGROUPS),  # h and each slot
         collective_axes="wg",
     )
     def _scope(allocations, h_smem, bt_smem, barrier):
@@ -159,7 +176,12 @@ def _kernel(x_gmem, w_gmem, h_gmem, bt_gmem, out_gmem, *, blocks: RoutedGemmBloc
                     # K steps in flight only without a separate one).
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     plgpu.copy_gmem_to_smem(h_gmem.at[rows], h_smem.at[wg], barrier.at[wg])
-                    plgpu.copy_gmem_to_smem(bt_gmem.at[m_idx, :, cols], bt_smem.at[wg], barrier.at[wg])
+                    # Every slot's index first, so their loads wait on memory together, not one after another.
+                    entries = [slots_gmem[m_idx, slot] for slot in range(slot_count)]
+                    for slot, entry in enumerate(entries):
+                        plgpu.copy_gmem_to_smem(bank_gmem.at[entry, :, cols],
+                                                bt_smem.at[wg, pl.ds(slot * slot_rows_count, slot_rows_count)],
+                                                barrier.at[wg])
                     run_pipeline(acc_ref)
                     plgpu.barrier_wait(barrier.at[wg])
                     plgpu.wgmma(acc_ref, h_smem.at[wg], bt_smem.at[wg])
@@ -194,35 +216,40 @@ def _interpret_params():
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
-def routed_gemm(x, w, h, b_tile, *, blocks: RoutedGemmBlockSizes = RoutedGemmBlockSizes(), interpret: bool = False):
-    """x @ w + h @ b_tile[tile of each token] in bfloat16 with float32 accumulation, differentiable in all four.
+def routed_gemm(x, w, h, bank, slots, *, blocks: RoutedGemmBlockSizes = RoutedGemmBlockSizes(),
+                interpret: bool = False):
+    """x @ w + h @ B_tile[tile of each token] in bfloat16 with float32 accumulation, differentiable in x, w, h and
+    the bank.
 
-    x [T, I], w [I, O], h [T, 64], b_tile [T // blocks.tile_tokens, 64, O]. T, O and I must tile by
-    blocks.tile_tokens, blocks.tile_outputs and blocks.tile_k."""
-    check_shapes(x, w, h, b_tile, blocks)
+    x [T, I], w [I, O], h [T, 64]; bank [M, rows, O] and slots [T // blocks.tile_tokens, 64 // rows] in [0, M):
+    tile g's B_tile is bank[slots[g]] stacked (`slot_rows`); rows must be a multiple of 8 dividing 64 (the
+    adapters' B at r = 8, 16, 32 or 64; other ranks pass their gathered B_tile as a bank of one slot per tile).
+    T, O and I must tile by blocks.tile_tokens, blocks.tile_outputs and blocks.tile_k."""
+    check_shapes(x, w, h, bank, slots, blocks)
     if not interpret and not on_hopper():
         device = jax.devices()[0]
         found = f"{device.device_kind} (compute capability {getattr(device, 'compute_capability', 'none')})"
         raise ValueError(f"the routed GEMM of strategy 'fused' runs on a Hopper GPU (compute capability 9.0: H100, "
                          f"H200), or interpreted (interpret=True); found {found}. Strategy 'auto' or 'pallas' "
                          "runs anywhere")
-    return _differentiable(x, w, h, b_tile, blocks, interpret)
+    return _differentiable(x, w, h, bank, slots.astype(jnp.int32), blocks, interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _differentiable(x, w, h, b_tile, blocks, interpret):
-    return _call(x, w, h, b_tile, blocks, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _differentiable(x, w, h, bank, slots, blocks, interpret):
+    return _call(x, w, h, bank, slots, blocks, interpret)
 
 
-def _forward(x, w, h, b_tile, blocks, interpret):
-    return _call(x, w, h, b_tile, blocks, interpret), (x, w, h, b_tile)
+def _forward(x, w, h, bank, slots, blocks, interpret):
+    return _call(x, w, h, bank, slots, blocks, interpret), (x, w, h, bank, slots)
 
 
 def _backward(blocks, interpret, residuals, g):
-    # The backward's products are plain XLA matmuls of the same size as the forward's; XLA drops the ones
-    # nothing uses (w's and b_tile's while only the gates train).
-    _, vjp = jax.vjp(routed_gemm_reference, *residuals)
-    return vjp(g)
+    # The backward's products are plain XLA matmuls of the same size as the forward's, B_tile gathered again;
+    # XLA drops the ones nothing uses (w's and the bank's while only the gates train).
+    x, w, h, bank, slots = residuals
+    _, vjp = jax.vjp(lambda x, w, h, bank: routed_gemm_reference(x, w, h, bank, slots), x, w, h, bank)
+    return (*vjp(g), None)
 
 
 _differentiable.defvjp(_forward, _backward)
@@ -233,7 +260,7 @@ def program_count(interpret: bool) -> int:
     return INTERPRET_PROGRAMS if interpret else jax.devices()[0].core_count
 
 
-def _call(x, w, h, b_tile, blocks, interpret):
+def _call(x, w, h, bank, slots, blocks, interpret):
     t, o = x.shape[0], w.shape[1]
     programs = program_count(interpret)
     return plgpu.kernel(
@@ -245,4 +272,4 @@ def _call(x, w, h, b_tile, blocks, interpret):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_interpret_params() if interpret else False,
-    )(x, w, h, b_tile)
+    )(x, w, h, bank, slots)
