@@ -421,6 +421,21 @@ def slot_gather_section(check: dict | list, bank_sweep: dict) -> list[str]:
     return lines + [""]
 
 
+def route_tuning_section(run: dict) -> list[str]:
+    env = run["environment"]
+    lines = ["## Routing of many tokens in one kernel, block sizes (`route_tuning.py`)\n",
+             f"Date {env['date'][:10]}; {env['device']}; jax {env['versions']['jax']}. Top-2 routing and its softmax "
+             "from float32 logits [T, N], device (kernel) time: XLA's rounds of max and argmax (`route`) against "
+             "`route_tokens` per block size, with the share of choices equal to XLA's.\n",
+             "| T | N | form | blocks | kernel us | same choices |", "|---:|---:|---|---|---:|---:|"]
+    for r in run["rows"]:
+        blocks = r["blocks"].split("(", 1)[1].rstrip(")") if r.get("blocks") else "-"
+        same = f"{r['same_choices']:.4f}" if r.get("same_choices") is not None else "-"
+        time = f"{r['kernel_ms'] * 1e3:.1f}" if r.get("kernel_ms") else r.get("error", "-")[:40]
+        lines.append(f"| {r['tokens']} | {r['adapters']} | {r['form']} | {blocks} | {time} | {same} |")
+    return lines + [""]
+
+
 def training_through_fused_section(runs: list[tuple[str, dict]]) -> list[str]:
     """The training path's step times with `auto` and with `fused` taken in differentiated calls too."""
     first = runs[0][1]
@@ -542,6 +557,10 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_fused_runs48.json")],
                            "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
                            "tile's slots), bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_route_kernel.json")],
+                           "MeteoRA layer with `fused` and `pallas` routing by one kernel, routing in runs of 96 "
+                           "tokens, bfloat16 gates", "chained")
+    lines += route_tuning_section(load("route_tuning.json"))
     lines += layer_section([load("meteora_layer_b_rows_in_gemm.json")],
                            "MeteoRA layer with `fused`, B rows gathered in the GEMM (64 x 256 tiles, 128-token routing "
                            "tiles), routing in runs of 96 tokens, bfloat16 gates", "chained")

@@ -260,7 +260,7 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
     if strategy == "pallas" and lora_a.shape[0] * lora_a.shape[-1] <= DENSE_MAX_TOTAL_RANK:
         return _pallas_dense_expand(x, y, gate, lora_a, lora_b, scaling, top_k, temperature)
     logits = compute_gate_logits(x, gate)
-    indices, weights = route(logits, top_k, temperature)
+    indices, weights = _route_for(strategy, logits, top_k, temperature)
     if strategy == "fused":
         return fused_output(x, base_kernel, lora_a, lora_b, scaling, indices, weights), logits, indices
     if strategy == "pallas":
@@ -269,6 +269,16 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
         return mixture_pallas_add(x, lora_a, lora_b, scaling, indices, weights, y), logits, indices
     delta = lora_mixture(x, lora_a, lora_b, scaling, indices, weights, strategy)
     return y + delta.astype(y.dtype), logits, indices
+
+
+def _route_for(strategy: str, logits, top_k: int, temperature):
+    """The Pallas strategies route by one kernel reading the logits once (meteora_jax/pallas/route_tokens.py), the
+    XLA ones by `route`."""
+    if strategy not in ("fused", "pallas") or top_k > ARGMAX_TOP_K:
+        return route(logits, top_k, temperature)
+    from meteora_jax.pallas.route_tokens import route_tokens  # Pallas imports stay off the default path
+
+    return route_tokens(logits, top_k, temperature, interpret=jax.default_backend() != "gpu")
 
 
 def fused_output(x, base_kernel, lora_a, lora_b, scaling, indices, weights):

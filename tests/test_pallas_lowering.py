@@ -15,6 +15,7 @@ from meteora_jax.pallas.decode_layer import decode_layer
 from meteora_jax.pallas.dense_expand import dense_expand_add
 from meteora_jax.pallas.fused_linear import fused_linear
 from meteora_jax.pallas.mixture import mixture_pallas
+from meteora_jax.pallas.route_tokens import route_tokens
 from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink
 
 IN, OUT, N, R = 128, 256, 6, 8
@@ -80,6 +81,8 @@ CASES = {
     "fused (tile shrink, routed GEMM, missed shrink and add)": (
         forward_and_backward(fused), (spec((256, IN)), spec((IN, OUT)), *mixture_operands(256)[1:]),
         {"meteora_tile_shrink", "mosaic_gpu", "meteora_missed_shrink", "meteora_missed_add", "meteora_pair_grads"}),
+    "routing of many tokens": (lambda logits: route_tokens(logits, 2, 1.0), (spec((64, N), jnp.float32),),
+                               {"meteora_route_tokens"}),
     "tile shrink reading A transposed": (
         shrink_of_transposed_a, (spec((256, IN)), spec((N, IN, R)), spec((1, 64 // R), jnp.int32),
                                  spec((256, 64 // R), jnp.float32)), {"meteora_tile_shrink"}),

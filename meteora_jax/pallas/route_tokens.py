@@ -1,0 +1,117 @@
+"""Top-k routing of many tokens in one pass over the gate logits, for the Pallas strategies' prefill.
+
+    idx[m] = the k largest logits[m] (ties to the lower adapter);  w[m] = softmax(logits[m, idx[m]] / T)
+
+Why: XLA routes by k rounds of max and argmax over [T, N] (lora_mixture.route), each a pass over the float32
+logits, then a softmax kernel: at N = 1024, 16384 tokens, 53 us for the two rounds alone, next to a 180 us gate
+matmul (bench/NOTES.md). Here each program loads a block of tokens' logits once and keeps them in registers for
+all k rounds and the softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from meteora_jax.lora_mixture import route
+from meteora_jax.pallas.block_sizes import check_powers_of_two
+
+
+def route_tokens_reference(logits, top_k: int, temperature):
+    """XLA's routing (lora_mixture.route), which the kernel reproduces."""
+    return route(logits, top_k, temperature)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteBlockSizes:
+    """block_tokens: tokens per program, whose [block_tokens, N] logits sit in registers (N rounded up to a power
+    of two), over num_warps warps."""
+
+    # bench/route_tuning.py: 16 x 4 took 8.4 us at N = 256 and 34 at N = 1024 (16384 tokens; XLA 14.3 and 54.3);
+    # 32-token blocks took up to 2x longer at N = 1024, 8 warps 0.5 us less at N = 256 and 7 us more at 1024.
+    block_tokens: int = 16
+    num_warps: int = 4
+
+    def check(self) -> None:
+        check_powers_of_two(self, ("block_tokens",))
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
+
+
+def _kernel(logits_ref, idx_ref, weight_ref, *, tokens, num_adapters, top_k, temperature, blocks: RouteBlockSizes):
+    first = pl.program_id(0) * blocks.block_tokens
+    rows = first + jnp.arange(blocks.block_tokens)
+    lanes = jnp.arange(pl.next_power_of_2(num_adapters))
+    inside = rows < tokens
+    candidates = plt.load(logits_ref.at[pl.ds(first, blocks.block_tokens), pl.ds(0, lanes.shape[0])],
+                          mask=inside[:, None] & (lanes[None, :] < num_adapters), other=-jnp.inf)
+    # k rounds of max and its first lane: the same ties as lax.top_k and `route`.
+    chosen, values = [], []
+    for _ in range(top_k):
+        best = jnp.max(candidates, axis=1)
+        lane = jnp.min(jnp.where(candidates == best[:, None], lanes[None, :], lanes.shape[0]), axis=1)
+        chosen.append(lane.astype(jnp.int32))
+        values.append(best)
+        candidates = jnp.where(lanes[None, :] == lane[:, None], -jnp.inf, candidates)
+    exps = [jnp.exp((v - values[0]) / temperature) for v in values]
+    total = functools.reduce(jnp.add, exps)
+    for j in range(top_k):
+        column = jnp.full_like(rows, j)
+        plt.store(idx_ref.at[rows, column], chosen[j], mask=inside)
+        plt.store(weight_ref.at[rows, column], exps[j] / total, mask=inside)
+
+
+def route_tokens(logits, top_k: int, temperature: float, *, blocks: RouteBlockSizes = RouteBlockSizes(),
+                 interpret: bool = False):
+    """(indices [T, K] int32, weights [T, K] float32) as `route` gives them, from float32 logits [T, N];
+    differentiable in the logits. temperature: a Python number (it is compiled into the kernel)."""
+    blocks.check()
+    if logits.ndim != 2:
+        raise ValueError(f"logits {logits.shape} must be [tokens, adapters]")
+    n = logits.shape[1]
+    if not 1 <= top_k <= n:
+        raise ValueError(f"top_k={top_k} must be between 1 and the number of adapters ({n})")
+    if isinstance(temperature, jax.Array):
+        raise ValueError("route_tokens compiles the temperature into its kernel: pass a Python number, not an array")
+    return _differentiable(logits.astype(jnp.float32), top_k, float(temperature), blocks, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _differentiable(logits, top_k, temperature, blocks, interpret):
+    return _call(logits, top_k, temperature, blocks, interpret)
+
+
+def _forward(logits, top_k, temperature, blocks, interpret):
+    indices, weights = _call(logits, top_k, temperature, blocks, interpret)
+    return (indices, weights), (indices, weights, logits.shape[1])
+
+
+def _backward(top_k, temperature, blocks, interpret, residuals, cotangents):
+    """The softmax's gradient at the chosen logits, zero at the others (as `route`'s)."""
+    indices, weights, n = residuals
+    _, g = cotangents
+    dvalues = weights * (g - jnp.sum(g * weights, axis=-1, keepdims=True)) / temperature
+    return (jnp.einsum("TK,TKN->TN", dvalues, jax.nn.one_hot(indices, n, dtype=dvalues.dtype)),)
+
+
+_differentiable.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _call(logits, top_k, temperature, blocks, interpret):
+    t, n = logits.shape
+    kernel = functools.partial(_kernel, tokens=t, num_adapters=n, top_k=top_k, temperature=temperature,
+                               blocks=blocks)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((t, top_k), jnp.int32), jax.ShapeDtypeStruct((t, top_k), jnp.float32)),
+        grid=(pl.cdiv(t, blocks.block_tokens),),
+        compiler_params=plt.CompilerParams(num_warps=blocks.num_warps),
+        interpret=interpret,
+        name="meteora_route_tokens",
+    )(logits)

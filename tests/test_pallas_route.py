@@ -1,0 +1,68 @@
+"""Top-k routing in one kernel (meteora_jax/pallas/route_tokens.py) against XLA's `route`: interpreted on CPU, full
+size on a GPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meteora_jax.pallas.route_tokens import RouteBlockSizes, route_tokens, route_tokens_reference
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def logits_with_ties(t, n, seed):
+    """Small integers: many logits tie, so the order of equal values is checked too."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.integers(-3, 4, (t, n)), jnp.float32)
+
+
+def assert_routes_alike(logits, top_k, temperature, blocks, interpret):
+    indices, weights = route_tokens(logits, top_k, temperature, blocks=blocks, interpret=interpret)
+    ref_indices, ref_weights = route_tokens_reference(logits, top_k, temperature)
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-6, atol=1e-7)
+
+
+# 37 tokens: the last block is part padding; N = 6 and 100 are no power of two; N = 1 with k = 1.
+@pytest.mark.parametrize("t, n, top_k", [(37, 6, 2), (37, 100, 2), (5, 1, 1), (64, 64, 4)])
+def test_matches_route_with_ties_interpreted(t, n, top_k):
+    blocks = RouteBlockSizes(block_tokens=16, num_warps=4)
+    assert_routes_alike(logits_with_ties(t, n, seed=t + n), top_k, 1.0, blocks, interpret=not ON_GPU)
+    random = jnp.asarray(np.random.default_rng(n).standard_normal((t, n)), jnp.float32)
+    assert_routes_alike(random, top_k, 0.5, blocks, interpret=not ON_GPU)
+
+
+def test_gradient_matches_route():
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.standard_normal((40, 12)), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((40, 2)), jnp.float32)
+
+    def loss(routing):
+        return lambda logits: jnp.sum(routing(logits)[1] * cotangent)
+
+    ours = jax.grad(loss(lambda v: route_tokens(v, 2, 0.7, interpret=not ON_GPU)))(logits)
+    ref = jax.grad(loss(lambda v: route_tokens_reference(v, 2, 0.7)))(logits)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    assert int(jnp.sum(ours != 0)) <= 2 * 40  # only the chosen logits get a gradient
+
+
+def test_bad_arguments_name_the_culprit():
+    logits = jnp.zeros((8, 3), jnp.float32)
+    with pytest.raises(ValueError, match=r"top_k=4 must be between 1 and the number of adapters \(3\)"):
+        route_tokens(logits, 4, 1.0, interpret=True)
+    with pytest.raises(ValueError, match="pass a Python number"):
+        route_tokens(logits, 2, jnp.float32(1.0), interpret=True)
+    with pytest.raises(ValueError, match=r"logits \(2, 8, 3\) must be \[tokens, adapters\]"):
+        route_tokens(logits[None].repeat(2, 0), 2, 1.0, interpret=True)
+    with pytest.raises(ValueError, match="block_tokens=12 must be a power of two"):
+        route_tokens(logits, 2, 1.0, blocks=RouteBlockSizes(block_tokens=12), interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="full-size kernel tests need a GPU")
+@pytest.mark.parametrize("n", [28, 256, 1024])
+def test_full_size_on_gpu(n):
+    assert_routes_alike(logits_with_ties(16384, n, seed=n), 2, 1.0, RouteBlockSizes(), interpret=False)
+    random = jax.random.normal(jax.random.key(n), (16384, n), jnp.float32)
+    assert_routes_alike(random, 2, 1.0, RouteBlockSizes(), interpret=False)
