@@ -24,9 +24,9 @@ from block_sweep import fastest, output_path, sweep, write_rows  # noqa: E402
 from meteora_layer import TOP_K, Case, make_params, normal, route, segment_inputs, traced_kernel_ms  # noqa: E402
 
 from meteora_jax.lora_mixture import compute_gate_logits  # noqa: E402
-from meteora_jax.pallas.fused_linear import slot_count, tile_slots  # noqa: E402
 from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add, missed_add_reference  # noqa: E402
 from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes  # noqa: E402
+from meteora_jax.pallas.tile_routing import slot_count, tile_slots  # noqa: E402
 
 CASES = (Case(4096, 4096, 256, 16384), Case(4096, 4096, 1024, 4096))
 ROUTINGS = ("runs96", "runs48", "random")

@@ -557,6 +557,9 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_fused_runs48.json")],
                            "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
                            "tile's slots), bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_tile_routing.json")],
+                           "MeteoRA layer with `fused`'s tile routing in one kernel (and the routing kernel), "
+                           "routing in runs of 96 tokens, bfloat16 gates", "chained")
     lines += layer_section([load("meteora_layer_route_kernel.json")],
                            "MeteoRA layer with `fused` and `pallas` routing by one kernel, routing in runs of 96 "
                            "tokens, bfloat16 gates", "chained")

@@ -31,8 +31,8 @@ from meteora_layer import (  # noqa: E402
 )
 
 from meteora_jax.lora_mixture import compute_gate_logits  # noqa: E402
-from meteora_jax.pallas.fused_linear import slot_coefficients, slot_count, tile_slots  # noqa: E402
 from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes  # noqa: E402
+from meteora_jax.pallas.tile_routing import slot_coefficients, slot_count, tile_slots  # noqa: E402
 from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink, tile_shrink_reference  # noqa: E402
 
 CASES = (Case(4096, 4096, 256, 16384), Case(4096, 4096, 1024, 4096))

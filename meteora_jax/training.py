@@ -161,7 +161,7 @@ def fused_missed_share(indices, num_adapters: int, rank: int, tile_tokens: int =
     batch's padding tokens included); the rows that fill the last tile neither vote nor count. Every choice votes
     here, where `fused_linear` counts those with a nonzero coefficient (the same for softmax weights). These are
     the pairs it adds per token, outside its GEMM."""
-    from meteora_jax.pallas.fused_linear import slot_count, tile_slots  # Pallas imports stay off the default path
+    from meteora_jax.pallas.tile_routing import slot_count, tile_slots  # Pallas imports stay off the default path
 
     flat = indices.reshape(-1, indices.shape[-1])
     real = jnp.ones(flat.shape, bool)

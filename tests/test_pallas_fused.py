@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from meteora_jax.lora_mixture import gated_output, lora_mixture, mixture_loop
 from meteora_jax.meteora import MeteoraConfig, MeteoraDense
-from meteora_jax.pallas.fused_linear import fused_linear, slot_count, tile_slots
+from meteora_jax.pallas.fused_linear import fused_linear
 from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add, missed_add_reference
 from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes, routed_gemm, routed_gemm_reference
+from meteora_jax.pallas.tile_routing import slot_count, tile_slots
 from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink, tile_shrink_reference
 from meteora_jax.routing import Routing
 
@@ -141,8 +142,10 @@ def test_tile_slots_keep_most_chosen_adapters_and_mark_misses():
     # tile 0 chose 1 twice, 0,2,3,4,5,7 once (ties to the lower index); tile 1 chose 2 three times, 0 and 6 twice
     np.testing.assert_array_equal(adapters, [[1, 0, 2], [2, 0, 6]])
     np.testing.assert_array_equal(slot, [[3, 0], [0, 1], [3, 2], [3, 3], [2, 2], [3, 0], [1, 0], [0, 1]])
-    uncounted = jnp.zeros((8, 2), bool).at[4].set(True)  # only token 4 votes: its adapter, then the lowest unchosen
-    np.testing.assert_array_equal(tile_slots(indices, 8, 4, 3, counted=uncounted)[0], [[0, 1, 2], [6, 0, 1]])
+    only_token_4 = jnp.zeros((8, 2), bool).at[4].set(True)  # only token 4 votes: its adapter; unvoted slots hold 0
+    adapters, slot = tile_slots(indices, 8, 4, 3, counted=only_token_4)
+    np.testing.assert_array_equal(adapters, [[0, 0, 0], [6, 0, 0]])
+    np.testing.assert_array_equal(slot[4:], [[0, 0], [3, 3], [3, 3], [3, 3]])  # slots of adapter 0 take no choice
     few_adapters, few_slot = tile_slots(indices % 2, 2, 8, 3)  # fewer adapters than slots: adapter 0 repeats
     np.testing.assert_array_equal(few_adapters, [[0, 1, 0]])
     assert int(few_slot.max()) == 1  # every choice found its slot

@@ -78,9 +78,10 @@ CASES = {
                  spec((N,), jnp.float32)), {"meteora_decode_gate", "meteora_decode_route_shrink",
                                             "meteora_decode_expand_add"}),
     "dense expand": (dense_expand, (spec((64, N * R)), spec((N * R, OUT)), spec((64, OUT))), {"meteora_dense_expand"}),
-    "fused (tile shrink, routed GEMM, missed shrink and add)": (
+    "fused (tile routing, tile shrink, routed GEMM, missed shrink and add)": (
         forward_and_backward(fused), (spec((256, IN)), spec((IN, OUT)), *mixture_operands(256)[1:]),
-        {"meteora_tile_shrink", "mosaic_gpu", "meteora_missed_shrink", "meteora_missed_add", "meteora_pair_grads"}),
+        {"meteora_route_tiles", "meteora_tile_shrink", "mosaic_gpu", "meteora_missed_shrink", "meteora_missed_add",
+         "meteora_pair_grads"}),
     "routing of many tokens": (lambda logits: route_tokens(logits, 2, 1.0), (spec((64, N), jnp.float32),),
                                {"meteora_route_tokens"}),
     "tile shrink reading A transposed": (

@@ -1,5 +1,5 @@
-"""Top-k routing in one kernel (meteora_jax/pallas/route_tokens.py) against XLA's `route`: interpreted on CPU, full
-size on a GPU."""
+"""Routing kernels against their XLA forms: top-k routing of many tokens (meteora_jax/pallas/route_tokens.py) and
+the `fused` strategy's tile slots (tile_routing.py); interpreted on CPU, full size on a GPU."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from meteora_jax.pallas.route_tokens import RouteBlockSizes, route_tokens, route_tokens_reference
+from meteora_jax.pallas.tile_routing import TileRoutingBlockSizes, route_tiles, route_tiles_reference
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -66,3 +67,60 @@ def test_full_size_on_gpu(n):
     assert_routes_alike(logits_with_ties(16384, n, seed=n), 2, 1.0, RouteBlockSizes(), interpret=False)
     random = jax.random.normal(jax.random.key(n), (16384, n), jnp.float32)
     assert_routes_alike(random, 2, 1.0, RouteBlockSizes(), interpret=False)
+
+
+# N = 3: fewer adapters than slots; N = 300: no power of two. Runs of 24 tokens with every third choice random, and
+# some weights exactly 0 (they take no vote), so tiles hold more adapters than slots and counts tie.
+@pytest.mark.parametrize("n, slots", [(3, 8), (12, 4), (300, 8)])
+def test_tile_routing_matches_reference_interpreted(n, slots):
+    rng = np.random.default_rng(n)
+    t, tile = 256, 64
+    runs = np.repeat(np.stack([rng.choice(n, 2, replace=n < 2) for _ in range(t // 24 + 1)]), 24, axis=0)[:t]
+    indices = np.where(rng.random((t, 2)) < 0.3, rng.integers(0, n, (t, 2)), runs)
+    indices[:, 1] = np.where(indices[:, 1] == indices[:, 0], (indices[:, 0] + 1) % n, indices[:, 1])
+    weights = rng.dirichlet([1, 1], t) * (rng.random((t, 2)) > 0.1)
+    indices, weights = jnp.asarray(indices, jnp.int32), jnp.asarray(weights, jnp.float32)
+    scaling = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+    blocks = TileRoutingBlockSizes(num_warps=4)
+    ours = route_tiles(indices, weights, scaling, tile_tokens=tile, slots=slots, blocks=blocks, interpret=not ON_GPU)
+    ref = route_tiles_reference(indices, weights, scaling, tile_tokens=tile, slots=slots)
+    np.testing.assert_array_equal(ours[0], ref[0])
+    np.testing.assert_array_equal(ours[1], ref[1])
+    np.testing.assert_array_equal(ours[2], ref[2])
+    assert n < slots or bool(jnp.any(ref[2] != 0))  # some choices miss their tile's slots
+
+    def loss(routing):
+        return lambda w, s: jnp.sum(jnp.sin(routing(w, s)[1])) + jnp.sum(routing(w, s)[2] ** 2)
+
+    ours_grads = jax.grad(loss(lambda w, s: route_tiles(indices, w, s, tile_tokens=tile, slots=slots, blocks=blocks,
+                                                         interpret=not ON_GPU)), argnums=(0, 1))(weights, scaling)
+    ref_grads = jax.grad(loss(lambda w, s: route_tiles_reference(indices, w, s, tile_tokens=tile, slots=slots)),
+                         argnums=(0, 1))(weights, scaling)
+    for got, want in zip(ours_grads, ref_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_tile_routing_names_bad_shapes():
+    indices, weights, scaling = jnp.zeros((100, 2), jnp.int32), jnp.zeros((100, 2)), jnp.ones(4)
+    with pytest.raises(ValueError, match="the tokens tile by 64"):
+        route_tiles(indices, weights, scaling, tile_tokens=64, slots=8, interpret=True)
+    with pytest.raises(ValueError, match="the tile of 48 tokens must be a power of two"):
+        route_tiles(indices[:96], weights[:96], scaling, tile_tokens=48, slots=8, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="full-size kernel tests need a GPU")
+@pytest.mark.parametrize("n", [28, 1024])
+def test_tile_routing_full_size_on_gpu(n):
+    rng = np.random.default_rng(n)
+    t = 16384
+    runs = np.repeat(rng.integers(0, n, (t // 96 + 1, 2)), 96, axis=0)[:t]  # runs of 96, 5% of choices random
+    indices = np.where(rng.random((t, 2)) < 0.05, rng.integers(0, n, (t, 2)), runs)
+    indices[:, 1] = np.where(indices[:, 1] == indices[:, 0], (indices[:, 0] + 1) % n, indices[:, 1])
+    indices = jnp.asarray(indices, jnp.int32)
+    weights = jnp.asarray(rng.dirichlet([1, 1], t), jnp.float32)
+    scaling = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+    ours = route_tiles(indices, weights, scaling, tile_tokens=128, slots=8)
+    ref = route_tiles_reference(indices, weights, scaling, tile_tokens=128, slots=8)
+    for got, want in zip(ours, ref):
+        np.testing.assert_array_equal(got, want)

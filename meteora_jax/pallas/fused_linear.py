@@ -20,38 +20,8 @@ import jax.numpy as jnp
 from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add
 from meteora_jax.pallas.pair_grads import PAIR_PROGRAMS, pair_adapter_grads, pair_input_grads
 from meteora_jax.pallas.routed_gemm import LANE, SLOT_ROW_GROUP, RoutedGemmBlockSizes, routed_gemm
+from meteora_jax.pallas.tile_routing import route_tiles, slot_count
 from meteora_jax.pallas.tile_shrink import tile_shrink
-
-
-def slot_count(rank: int) -> int:
-    """Adapters per tile that the GEMM's one extra 64-column step holds (at least one)."""
-    return max(1, LANE // rank)  # tile_shrink's column layout
-
-
-def tile_slots(indices, num_adapters: int, tile_tokens: int, slots: int, counted=None):
-    """(adapters [tiles, U]: each tile's U most chosen adapters, ties to the lower index; slot [T, K]: the slot
-    holding each choice, U where its adapter missed its tile's slots).
-
-    Only choices where `counted` [T, K] (default all) is true vote, so padding tokens take no slot. Slots past
-    the tile's distinct choices hold adapters with zero coefficients there: ones nobody in the tile chose, or
-    adapter 0 repeated where there are fewer adapters than slots."""
-    t = indices.shape[0]
-    tiles = t // tile_tokens
-    tile_of_token = jnp.arange(t) // tile_tokens
-    votes = jnp.ones(indices.shape, jnp.int32) if counted is None else counted.astype(jnp.int32)
-    counts = jnp.zeros((tiles, num_adapters), jnp.int32).at[tile_of_token[:, None], indices].add(votes)
-    kept = min(slots, num_adapters)
-    _, adapters = jax.lax.top_k(counts, kept)
-    place = jnp.full((tiles, num_adapters), slots, jnp.int32).at[jnp.arange(tiles)[:, None], adapters].set(
-        jnp.arange(kept, dtype=jnp.int32))
-    slot = place[tile_of_token[:, None], indices]
-    return jnp.pad(adapters.astype(jnp.int32), ((0, 0), (0, slots - kept))), slot
-
-
-def slot_coefficients(coef, slot, slots: int):
-    """Each token's coefficient per slot [T, U] from its choices' coefficients and slots [T, K]; a choice in slot U
-    (missed) adds nothing."""
-    return jnp.einsum("TK,TKU->TU", coef, jax.nn.one_hot(slot, slots, dtype=coef.dtype))
 
 
 def fused_linear(x, w, lora_a, lora_b, scaling, indices, weights, *,
@@ -71,16 +41,10 @@ def fused_linear(x, w, lora_a, lora_b, scaling, indices, weights, *,
         x = jnp.pad(x, ((0, padded), (0, 0)))
         indices = jnp.pad(indices, ((0, padded), (0, 0)))
         weights = jnp.pad(weights, ((0, padded), (0, 0)))
-    slots = slot_count(r)
-    per_choice = weights.astype(jnp.float32) * scaling.astype(jnp.float32)[indices]
-    adapters, slot = tile_slots(indices, n, blocks.tile_tokens, slots, counted=per_choice != 0)
-    per_slot = slot_coefficients(per_choice, slot, slots)
-    in_slots = slot < slots
-
+    adapters, per_slot, missed = route_tiles(indices, weights, scaling, tile_tokens=blocks.tile_tokens,
+                                             slots=slot_count(r), interpret=interpret)
     h = tile_shrink(x, lora_a, adapters, per_slot, tile_tokens=blocks.tile_tokens, interpret=interpret)
     y = routed_gemm(x, w, h, *_slot_bank(lora_b, adapters), blocks=blocks, interpret=interpret)
-
-    missed = jnp.where(in_slots, 0, per_choice)
     return _add_missed(x, y, lora_a, lora_b, indices, missed, interpret)[:t]
 
 

@@ -1,0 +1,160 @@
+"""The `fused` strategy's routing per token tile: each tile's slots (its U most chosen adapters) and what every
+token gives each slot, in one kernel.
+
+    c[t, j] = w[t, j] * s[idx[t, j]];  slots of tile g: its U adapters of most nonzero-c choices (ties to the
+    lower index);  per_slot[t, u] = sum_j c[t, j] [idx[t, j] is slot u of t's tile];  missed[t, j] = c[t, j]
+    where idx[t, j] is none of them, else 0
+
+Why: in XLA this is a dozen small kernels (the votes' scatter-add, a top-k sort over [tiles, N], the slots'
+scatter and gather, a one-hot product, index building): ~15 us at 16384 tokens (bench/NOTES.md). Here one
+program per tile loads its tokens' choices once, counts each choice's votes by comparing the choices pairwise
+(independent of N), picks the slots by U rounds of max and writes its tokens' coefficients. A first form that
+counted over N in steps of 16 tokens took 18 us: its steps waited on memory one after another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from meteora_jax.pallas.routed_gemm import LANE
+
+
+def slot_count(rank: int) -> int:
+    """Adapters per tile that the GEMM's one extra 64-column step holds (at least one)."""
+    return max(1, LANE // rank)  # tile_shrink's column layout
+
+
+def tile_slots(indices, num_adapters: int, tile_tokens: int, slots: int, counted=None):
+    """(adapters [tiles, U]: each tile's U most chosen adapters, ties to the lower index; slot [T, K]: the slot
+    holding each choice, U where its adapter missed its tile's slots).
+
+    Only choices where `counted` [T, K] (default all) is true vote, so padding tokens take no slot. Slots past
+    the tile's distinct voted adapters hold adapter 0 and take no choice."""
+    t = indices.shape[0]
+    tiles = t // tile_tokens
+    tile_of_token = jnp.arange(t) // tile_tokens
+    votes = jnp.ones(indices.shape, jnp.int32) if counted is None else counted.astype(jnp.int32)
+    counts = jnp.zeros((tiles, num_adapters), jnp.int32).at[tile_of_token[:, None], indices].add(votes)
+    kept = min(slots, num_adapters)
+    most, adapters = jax.lax.top_k(counts, kept)
+    voted = most > 0
+    place = jnp.full((tiles, num_adapters), slots, jnp.int32).at[
+        jnp.arange(tiles)[:, None], jnp.where(voted, adapters, num_adapters)].set(
+        jnp.arange(kept, dtype=jnp.int32), mode="drop")
+    slot = place[tile_of_token[:, None], indices]
+    adapters = jnp.where(voted, adapters, 0).astype(jnp.int32)
+    return jnp.pad(adapters, ((0, 0), (0, slots - kept))), slot
+
+
+def slot_coefficients(coef, slot, slots: int):
+    """Each token's coefficient per slot [T, U] from its choices' coefficients and slots [T, K]; a choice in slot U
+    (missed) adds nothing."""
+    return jnp.einsum("TK,TKU->TU", coef, jax.nn.one_hot(slot, slots, dtype=coef.dtype))
+
+
+def route_tiles_reference(indices, weights, scaling, *, tile_tokens: int, slots: int):
+    """(adapters [tiles, U] int32, per_slot [T, U], missed [T, K]) in plain JAX, float32."""
+    per_choice = weights.astype(jnp.float32) * scaling.astype(jnp.float32)[indices]
+    adapters, slot = tile_slots(indices, scaling.shape[0], tile_tokens, slots, counted=per_choice != 0)
+    return adapters, slot_coefficients(per_choice, slot, slots), jnp.where(slot < slots, 0, per_choice)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileRoutingBlockSizes:
+    """num_warps per program (one program per tile, holding its tokens' choices and their pairwise comparison)."""
+
+    num_warps: int = 8
+
+    def check(self, tile_tokens: int) -> None:
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
+        if tile_tokens < 16 or tile_tokens & (tile_tokens - 1):
+            raise ValueError(f"the tile of {tile_tokens} tokens must be a power of two >= 16 (one block per program)")
+
+
+def _kernel(idx_ref, weight_ref, scaling_ref, adapters_ref, per_slot_ref, missed_ref, *, tile_tokens, top_k,
+            num_adapters, slots):
+    tile = pl.program_id(0)
+    rows = tile * tile_tokens + jnp.arange(tile_tokens)
+    columns = [jnp.full_like(rows, j) for j in range(top_k)]
+    adapter = [plt.load(idx_ref.at[rows, column]) for column in columns]
+    coef = [plt.load(weight_ref.at[rows, column]) * plt.load(scaling_ref.at[a]) for column, a in zip(columns, adapter)]
+    # Each choice's votes: how many counted choices of the tile name its adapter (pairwise, not over N). The key
+    # orders adapters by votes, then by lower index: the ties of lax.top_k over the counts.
+    lanes = pl.next_power_of_2(num_adapters)
+    keys = []
+    for a in adapter:
+        votes = functools.reduce(jnp.add, [jnp.sum(((a[:, None] == b[None, :]) & (c != 0)[None, :]).astype(jnp.int32),
+                                                   axis=1) for b, c in zip(adapter, coef)])
+        keys.append(jnp.where(votes > 0, votes * lanes + (lanes - 1 - a), -1))
+    held = [jnp.zeros(rows.shape, jnp.bool_) for _ in range(top_k)]
+    for slot in range(slots):
+        best = functools.reduce(jnp.maximum, [jnp.max(k) for k in keys])
+        voted = best >= 0
+        chosen = jnp.where(voted, lanes - 1 - best % lanes, 0).astype(jnp.int32)
+        adapters_ref[tile, slot] = chosen
+        hits = [(a == chosen) & voted for a in adapter]
+        share = functools.reduce(jnp.add, [jnp.where(hit, c, 0.0) for hit, c in zip(hits, coef)])
+        plt.store(per_slot_ref.at[rows, jnp.full_like(rows, slot)], share)
+        held = [h | hit for h, hit in zip(held, hits)]
+        keys = [jnp.where(hit, -1, k) for hit, k in zip(hits, keys)]
+    for column, c, h in zip(columns, coef, held):
+        plt.store(missed_ref.at[rows, column], jnp.where(h, 0.0, c))
+
+
+def route_tiles(indices, weights, scaling, *, tile_tokens: int, slots: int,
+                blocks: TileRoutingBlockSizes = TileRoutingBlockSizes(), interpret: bool = False):
+    """route_tiles_reference's (adapters, per_slot, missed) from one kernel; T a multiple of tile_tokens, indices
+    in [0, N) for scaling [N]. Differentiable in weights and scaling (through the reference)."""
+    blocks.check(tile_tokens)
+    t, k = indices.shape
+    if weights.shape != (t, k) or scaling.ndim != 1 or t % tile_tokens:
+        raise ValueError(f"indices {indices.shape} and weights {weights.shape} must match, scaling {scaling.shape} be "
+                         f"[N], and the tokens tile by {tile_tokens}")
+    return _differentiable(indices.astype(jnp.int32), weights.astype(jnp.float32), scaling.astype(jnp.float32),
+                           tile_tokens, slots, blocks, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _differentiable(indices, weights, scaling, tile_tokens, slots, blocks, interpret):
+    return _call(indices, weights, scaling, tile_tokens, slots, blocks, interpret)
+
+
+def _forward(indices, weights, scaling, tile_tokens, slots, blocks, interpret):
+    return _call(indices, weights, scaling, tile_tokens, slots, blocks, interpret), (indices, weights, scaling)
+
+
+def _backward(tile_tokens, slots, blocks, interpret, residuals, cotangents):
+    indices, weights, scaling = residuals
+    _, dper_slot, dmissed = cotangents
+
+    def coefficients(weights, scaling):
+        return route_tiles_reference(indices, weights, scaling, tile_tokens=tile_tokens, slots=slots)[1:]
+
+    _, vjp = jax.vjp(coefficients, weights, scaling)
+    return (None, *vjp((dper_slot, dmissed)))
+
+
+_differentiable.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _call(indices, weights, scaling, tile_tokens, slots, blocks, interpret):
+    t, k = indices.shape
+    tiles = t // tile_tokens
+    kernel = functools.partial(_kernel, tile_tokens=tile_tokens, top_k=k, num_adapters=scaling.shape[0], slots=slots)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((tiles, slots), jnp.int32), jax.ShapeDtypeStruct((t, slots), jnp.float32),
+                   jax.ShapeDtypeStruct((t, k), jnp.float32)),
+        grid=(tiles,),
+        compiler_params=plt.CompilerParams(num_warps=blocks.num_warps),
+        interpret=interpret,
+        name="meteora_route_tiles",
+    )(indices, weights, scaling)
