@@ -292,6 +292,16 @@ def fused_tiles_section(run: dict, validation: dict, slots: str) -> list[str]:
     ]
 
 
+def block_fields(row: dict) -> dict[str, str]:
+    """The fields of a row's block-size dataclass, as its repr wrote them."""
+    return dict(item.split("=") for item in row["blocks"][row["blocks"].index("(") + 1:-1].split(", "))
+
+
+def kernel_us(row: dict) -> str:
+    """A row's kernel time in us, or the start of the error that stopped it."""
+    return f"{row['kernel_ms'] * 1e3:.1f}" if row.get("kernel_ms") else row.get("error", "-")[:40]
+
+
 def missed_add_section(run: dict, subtitle: str = "") -> list[str]:
     env, rows = run["environment"], run["rows"]
     lines = [
@@ -304,8 +314,7 @@ def missed_add_section(run: dict, subtitle: str = "") -> list[str]:
         "|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        blocks = dict(item.split("=") for item in r["blocks"][r["blocks"].index("(") + 1:-1].split(", "))
-        time = f"{r['kernel_ms'] * 1e3:.1f}" if r.get("kernel_ms") else r.get("error", "-")[:40]
+        blocks, time = block_fields(r), kernel_us(r)
         lines.append(f"| {r['adapters']} | {r['tokens']} | {r['routing']} | {r['missed_share']:.2%} | "
                      f"{blocks['programs']} | {blocks['spans']} | {blocks['block_in']} | {time} |")
     return lines + [""]
@@ -325,9 +334,8 @@ def missed_two_pass_section(run: dict, one_pass: list[dict]) -> list[str]:
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        blocks = dict(item.split("=") for item in r["blocks"][r["blocks"].index("(") + 1:-1].split(", "))
+        blocks, time = block_fields(r), kernel_us(r)
         span_out = 256 if blocks["spans"] == "None" else 4096 // int(blocks["spans"])
-        time = f"{r['kernel_ms'] * 1e3:.1f}" if r.get("kernel_ms") else r.get("error", "-")[:40]
         before = baseline[(r["adapters"], r["tokens"], r["routing"])] * 1e3
         lines.append(f"| {r['adapters']} | {r['tokens']} | {r['routing']} | {r['missed_share']:.2%} | "
                      f"{blocks['programs']} | {blocks['expand_programs']} | {span_out} | {time} | {before:.1f} |")
@@ -431,8 +439,7 @@ def route_tuning_section(run: dict) -> list[str]:
     for r in run["rows"]:
         blocks = r["blocks"].split("(", 1)[1].rstrip(")") if r.get("blocks") else "-"
         same = f"{r['same_choices']:.4f}" if r.get("same_choices") is not None else "-"
-        time = f"{r['kernel_ms'] * 1e3:.1f}" if r.get("kernel_ms") else r.get("error", "-")[:40]
-        lines.append(f"| {r['tokens']} | {r['adapters']} | {r['form']} | {blocks} | {time} | {same} |")
+        lines.append(f"| {r['tokens']} | {r['adapters']} | {r['form']} | {blocks} | {kernel_us(r)} | {same} |")
     return lines + [""]
 
 
