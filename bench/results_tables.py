@@ -570,7 +570,7 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_route_kernel.json")],
                            "MeteoRA layer with `fused` and `pallas` routing by one kernel, routing in runs of 96 "
                            "tokens, bfloat16 gates", "chained")
-    lines += route_tuning_section(load("route_tuning.json"))
+    lines += route_tuning_section(load("route_tuning_nan_rule.json"))
     lines += layer_section([load("meteora_layer_b_rows_in_gemm.json")],
                            "MeteoRA layer with `fused`, B rows gathered in the GEMM (64 x 256 tiles, 128-token routing "
                            "tiles), routing in runs of 96 tokens, bfloat16 gates", "chained")

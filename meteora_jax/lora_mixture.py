@@ -273,8 +273,8 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
 
 def _route_for(strategy: str, logits, top_k: int, temperature):
     """The Pallas strategies route by one kernel reading the logits once (meteora_jax/pallas/route_tokens.py), the
-    XLA ones by `route`."""
-    if strategy not in ("fused", "pallas") or top_k > ARGMAX_TOP_K:
+    XLA ones, and a temperature given as an array (the kernel compiles it in), by `route`."""
+    if strategy not in ("fused", "pallas") or top_k > ARGMAX_TOP_K or isinstance(temperature, jax.Array):
         return route(logits, top_k, temperature)
     from meteora_jax.pallas.route_tokens import route_tokens  # Pallas imports stay off the default path
 

@@ -81,6 +81,8 @@ def test_routed_gemm_rejects_bad_operands():
         routed_gemm(x, w, h[:, :32], b_tile, one_slot, blocks=SMALL_GEMM, interpret=True)
     with pytest.raises(ValueError, match=r"slots \(1, 2\) must be \[1, 64 // rows\] with the bank's rows \(64\)"):
         routed_gemm(x, w, h, b_tile, jnp.zeros((1, 2), jnp.int32), blocks=SMALL_GEMM, interpret=True)
+    with pytest.raises(ValueError, match=r"the bank's rows \(0\) a multiple of 8 that divides 64"):
+        routed_gemm(x, w, h, b_tile[:, :0], one_slot, blocks=SMALL_GEMM, interpret=True)
     with pytest.raises(ValueError, match=r"the bank's rows \(12\) a multiple of 8 that divides 64"):
         routed_gemm(x, w, h, b_tile[:, :12], jnp.zeros((1, 5), jnp.int32), blocks=SMALL_GEMM, interpret=True)
     with pytest.raises(ValueError, match="must all be bfloat16"):

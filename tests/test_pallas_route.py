@@ -34,6 +34,17 @@ def test_matches_route_with_ties_interpreted(t, n, top_k):
     assert_routes_alike(random, top_k, 0.5, blocks, interpret=not ON_GPU)
 
 
+def test_nan_logits_route_as_xla_does():
+    """A NaN counts as the largest logit (XLA's argmax): no index past the adapters, whatever the row holds."""
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((20, 6)), jnp.float32)
+    logits = logits.at[3, 4].set(jnp.nan).at[5].set(jnp.nan).at[7, 1].set(-jnp.inf).at[7, 5].set(jnp.nan)
+    indices, weights = route_tokens(logits, 2, 1.0, interpret=not ON_GPU)
+    ref_indices, ref_weights = route_tokens_reference(logits, 2, 1.0)
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_array_equal(np.isnan(weights), np.isnan(ref_weights))
+    assert int(indices.max()) < 6
+
+
 def test_gradient_matches_route():
     rng = np.random.default_rng(3)
     logits = jnp.asarray(rng.standard_normal((40, 12)), jnp.float32)
@@ -71,10 +82,11 @@ def test_full_size_on_gpu(n):
 
 # N = 3: fewer adapters than slots; N = 300: no power of two. Runs of 24 tokens with every third choice random, and
 # some weights exactly 0 (they take no vote), so tiles hold more adapters than slots and counts tie.
-@pytest.mark.parametrize("n, slots", [(3, 8), (12, 4), (300, 8)])
-def test_tile_routing_matches_reference_interpreted(n, slots):
+# Tiles of 48 tokens: no power of two, so each program's block runs past its tile.
+@pytest.mark.parametrize("n, slots, tile", [(3, 8, 64), (12, 4, 64), (300, 8, 64), (12, 4, 48)])
+def test_tile_routing_matches_reference_interpreted(n, slots, tile):
     rng = np.random.default_rng(n)
-    t, tile = 256, 64
+    t = 4 * tile
     runs = np.repeat(np.stack([rng.choice(n, 2, replace=n < 2) for _ in range(t // 24 + 1)]), 24, axis=0)[:t]
     indices = np.where(rng.random((t, 2)) < 0.3, rng.integers(0, n, (t, 2)), runs)
     indices[:, 1] = np.where(indices[:, 1] == indices[:, 0], (indices[:, 0] + 1) % n, indices[:, 1])
@@ -104,8 +116,9 @@ def test_tile_routing_names_bad_shapes():
     indices, weights, scaling = jnp.zeros((100, 2), jnp.int32), jnp.zeros((100, 2)), jnp.ones(4)
     with pytest.raises(ValueError, match="the tokens tile by 64"):
         route_tiles(indices, weights, scaling, tile_tokens=64, slots=8, interpret=True)
-    with pytest.raises(ValueError, match="the tile of 48 tokens must be a power of two"):
-        route_tiles(indices[:96], weights[:96], scaling, tile_tokens=48, slots=8, interpret=True)
+    with pytest.raises(ValueError, match="num_warps=3 must be"):
+        route_tiles(indices[:64], weights[:64], scaling, tile_tokens=64, slots=8,
+                    blocks=TileRoutingBlockSizes(num_warps=3), interpret=True)
 
 
 @pytest.mark.gpu

@@ -50,6 +50,10 @@ def _kernel(logits_ref, idx_ref, weight_ref, *, tokens, num_adapters, top_k, tem
     inside = rows < tokens
     candidates = plt.load(logits_ref.at[pl.ds(first, blocks.block_tokens), pl.ds(0, lanes.shape[0])],
                           mask=inside[:, None] & (lanes[None, :] < num_adapters), other=-jnp.inf)
+    # A NaN counts as the largest logit, as in XLA's argmax (Triton's max would skip it, and no lane would equal the
+    # max): as +inf, so a row holding +inf before its first NaN takes the +inf first, where XLA takes the NaN; its
+    # weights are NaN either way.
+    candidates = jnp.where(candidates != candidates, jnp.inf, candidates)
     # k rounds of max and its first lane: the same ties as lax.top_k and `route`.
     chosen, values = [], []
     for _ in range(top_k):
@@ -69,7 +73,8 @@ def _kernel(logits_ref, idx_ref, weight_ref, *, tokens, num_adapters, top_k, tem
 def route_tokens(logits, top_k: int, temperature: float, *, blocks: RouteBlockSizes = RouteBlockSizes(),
                  interpret: bool = False):
     """(indices [T, K] int32, weights [T, K] float32) as `route` gives them, from float32 logits [T, N];
-    differentiable in the logits. temperature: a Python number (it is compiled into the kernel)."""
+    differentiable in the logits: each chosen value's gradient goes to its own logit (lax.top_k's rule; `route`'s
+    max splits it among tied logits). temperature: a Python number (it is compiled into the kernel)."""
     blocks.check()
     if logits.ndim != 2:
         raise ValueError(f"logits {logits.shape} must be [tokens, adapters]")
@@ -92,7 +97,7 @@ def _forward(logits, top_k, temperature, blocks, interpret):
 
 
 def _backward(top_k, temperature, blocks, interpret, residuals, cotangents):
-    """The softmax's gradient at the chosen logits, zero at the others (as `route`'s)."""
+    """The softmax's gradient at the chosen logits, zero at the others."""
     indices, weights, n = residuals
     _, g = cotangents
     dvalues = weights * (g - jnp.sum(g * weights, axis=-1, keepdims=True)) / temperature

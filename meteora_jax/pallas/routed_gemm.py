@@ -107,7 +107,7 @@ def check_shapes(x, w, h, bank, slots, blocks: RoutedGemmBlockSizes) -> None:
     if h.shape != (t, LANE) or bank.ndim != 3 or bank.shape[2] != o:
         raise ValueError(f"h {h.shape} must be [{t}, {LANE}] and the bank {bank.shape} [M, rows, {o}]")
     rows = bank.shape[1]
-    if slots.shape != (tiles, LANE // rows) or LANE % rows or rows % SLOT_ROW_GROUP:
+    if rows == 0 or LANE % rows or rows % SLOT_ROW_GROUP or slots.shape != (tiles, LANE // rows):
         raise ValueError(f"slots {slots.shape} must be [{tiles}, 64 // rows] with the bank's rows ({rows}) a multiple "
                          f"of {SLOT_ROW_GROUP} that divides 64")
     if len({x.dtype, w.dtype, h.dtype, bank.dtype}) != 1 or x.dtype != jnp.bfloat16:

@@ -67,24 +67,26 @@ def route_tiles_reference(indices, weights, scaling, *, tile_tokens: int, slots:
 
 @dataclasses.dataclass(frozen=True)
 class TileRoutingBlockSizes:
-    """num_warps per program (one program per tile, holding its tokens' choices and their pairwise comparison)."""
+    """num_warps per program (one program per tile, holding its tokens' choices and their pairwise comparison, which
+    grows with the square of the tile)."""
 
     num_warps: int = 8
 
-    def check(self, tile_tokens: int) -> None:
+    def check(self) -> None:
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
-        if tile_tokens < 16 or tile_tokens & (tile_tokens - 1):
-            raise ValueError(f"the tile of {tile_tokens} tokens must be a power of two >= 16 (one block per program)")
 
 
 def _kernel(idx_ref, weight_ref, scaling_ref, adapters_ref, per_slot_ref, missed_ref, *, tile_tokens, top_k,
             num_adapters, slots):
     tile = pl.program_id(0)
-    rows = tile * tile_tokens + jnp.arange(tile_tokens)
+    block = jnp.arange(max(pl.next_power_of_2(tile_tokens), 16))  # Triton's blocks: powers of two
+    inside = block < tile_tokens
+    rows = tile * tile_tokens + block
     columns = [jnp.full_like(rows, j) for j in range(top_k)]
-    adapter = [plt.load(idx_ref.at[rows, column]) for column in columns]
-    coef = [plt.load(weight_ref.at[rows, column]) * plt.load(scaling_ref.at[a]) for column, a in zip(columns, adapter)]
+    adapter = [plt.load(idx_ref.at[rows, column], mask=inside, other=0) for column in columns]
+    coef = [plt.load(weight_ref.at[rows, column], mask=inside, other=0) * plt.load(scaling_ref.at[a])
+            for column, a in zip(columns, adapter)]  # rows past the tile: no coefficient, no vote
     # Each choice's votes: how many counted choices of the tile name its adapter (pairwise, not over N). The key
     # orders adapters by votes, then by lower index: the ties of lax.top_k over the counts.
     lanes = pl.next_power_of_2(num_adapters)
@@ -101,18 +103,18 @@ def _kernel(idx_ref, weight_ref, scaling_ref, adapters_ref, per_slot_ref, missed
         adapters_ref[tile, slot] = chosen
         hits = [(a == chosen) & voted for a in adapter]
         share = functools.reduce(jnp.add, [jnp.where(hit, c, 0.0) for hit, c in zip(hits, coef)])
-        plt.store(per_slot_ref.at[rows, jnp.full_like(rows, slot)], share)
+        plt.store(per_slot_ref.at[rows, jnp.full_like(rows, slot)], share, mask=inside)
         held = [h | hit for h, hit in zip(held, hits)]
         keys = [jnp.where(hit, -1, k) for hit, k in zip(hits, keys)]
     for column, c, h in zip(columns, coef, held):
-        plt.store(missed_ref.at[rows, column], jnp.where(h, 0.0, c))
+        plt.store(missed_ref.at[rows, column], jnp.where(h, 0.0, c), mask=inside)
 
 
 def route_tiles(indices, weights, scaling, *, tile_tokens: int, slots: int,
                 blocks: TileRoutingBlockSizes = TileRoutingBlockSizes(), interpret: bool = False):
     """route_tiles_reference's (adapters, per_slot, missed) from one kernel; T a multiple of tile_tokens, indices
     in [0, N) for scaling [N]. Differentiable in weights and scaling (through the reference)."""
-    blocks.check(tile_tokens)
+    blocks.check()
     t, k = indices.shape
     if weights.shape != (t, k) or scaling.ndim != 1 or t % tile_tokens:
         raise ValueError(f"indices {indices.shape} and weights {weights.shape} must match, scaling {scaling.shape} be "
