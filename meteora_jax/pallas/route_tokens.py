@@ -101,7 +101,9 @@ def _backward(top_k, temperature, blocks, interpret, residuals, cotangents):
     indices, weights, n = residuals
     _, g = cotangents
     dvalues = weights * (g - jnp.sum(g * weights, axis=-1, keepdims=True)) / temperature
-    return (jnp.einsum("TK,TKN->TN", dvalues, jax.nn.one_hot(indices, n, dtype=dvalues.dtype)),)
+    # One elementwise pass over [T, N]: a product with one-hot rows would be a batched matmul over [T, K, N].
+    chosen = jnp.arange(n) == indices[..., None]
+    return (jnp.sum(jnp.where(chosen, dvalues[..., None], 0.0), axis=1),)
 
 
 _differentiable.defvjp(_forward, _backward)
