@@ -429,6 +429,20 @@ def slot_gather_section(check: dict | list, bank_sweep: dict) -> list[str]:
     return lines + [""]
 
 
+def tile_routing_section(run: dict, title: str) -> list[str]:
+    env = run["environment"]
+    lines = [f"## `fused`'s tile routing kernel, {title} (`tile_routing_tuning.py`)\n",
+             f"Date {env['date'][:10]}; {env['device']}; jax {env['versions']['jax']}. Device (kernel) time of "
+             "`route_tiles` on top-2 choices in runs of 96 tokens (5% of choices random), 128-token tiles, 8 slots; "
+             "`baseline`: the kernel of an earlier commit on the same inputs in the same run.\n",
+             "| T | N | form | blocks | kernel us | same as reference |", "|---:|---:|---|---|---:|---|"]
+    for r in run["rows"]:
+        blocks = r["blocks"].split("(", 1)[1].rstrip(")")
+        lines.append(f"| {r['tokens']} | {r['adapters']} | {r['form']} | {blocks} | {kernel_us(r)} | "
+                     f"{r.get('same_as_reference', '-')} |")
+    return lines + [""]
+
+
 def route_tuning_section(run: dict) -> list[str]:
     env = run["environment"]
     lines = ["## Routing of many tokens in one kernel, block sizes (`route_tuning.py`)\n",
@@ -498,8 +512,9 @@ def shrink_sweep_section(run: dict, field: str, title: str) -> list[str]:
     lines = [
         f"## The `fused` shrink by {title} (`tile_shrink_tuning.py`)\n",
         f"Date {env['date'][:10]}; {env['device']}; jax {env['versions']['jax']}. Device (kernel) time, bf16, "
-        f"4096 inputs, r = 8, of the whole call (the shrink kernel, the sum of its splits, and A's transpose where "
-        f"asked for). Best of each {field} over the other fields; configurations that ask for more shared memory "
+        f"4096 inputs, r = 8, of the whole call (the shrink kernel, the sum of its splits where there are several, and "
+        f"A's transpose where asked for). Best of each {field} over the other fields; configurations that ask for more "
+        "shared memory "
         "than a multiprocessor has are left out.\n",
         f"| T | N | XLA ms | {field} | best ms | {'its shrink kernel ms | ' if kernel_alone else ''}configurations "
         "run | best blocks |",
@@ -564,6 +579,18 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_fused_runs48.json")],
                            "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
                            "tile's slots), bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_shrink_stages_n28_n1024.json"),
+                            load("meteora_layer_shrink_stages_n256.json")],
+                           "MeteoRA layer with `fused`'s shrink reading A in 16-byte pieces, 3 loads in flight and one "
+                           "split at 16384 tokens, routing in runs of 96 tokens, bfloat16 gates", "chained")
+    lines += shrink_sweep_section(load("tile_shrink_tuning_one_split.json"), "num_stages",
+                                  "loads in flight, A in 16-byte pieces")
+    lines += shrink_sweep_section(load("tile_shrink_tuning_gathered.json"), "splits",
+                                  "input splits, A in 16-byte pieces")
+    lines += tile_routing_section(load("tile_routing_tuning.json"), "slot rounds only for voted adapters (kept out)")
+    lines += layer_section([load("meteora_layer_decode_shared_rounds.json")],
+                           "MeteoRA layer, decode at N = 1024 after the decode kernel took the routing kernel's "
+                           "rounds (a NaN logit the largest)", "chained")
     lines += layer_section([load("meteora_layer_tile_routing.json")],
                            "MeteoRA layer with `fused`'s tile routing in one kernel (and the routing kernel), "
                            "routing in runs of 96 tokens, bfloat16 gates", "chained")

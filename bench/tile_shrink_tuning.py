@@ -1,8 +1,7 @@
 """Block sizes of the `fused` strategy's routed shrink (meteora_jax/pallas/tile_shrink.py): device (kernel) time
 on inputs routed in runs of 256 tokens (meteora_layer.py --segment-tokens), bf16, r = 8, with each run's error
 against the plain reference; XLA's form (gather A per tile, batched matmul) for comparison. kernel_ms counts the
-whole call (with A's transpose where asked for, and the XLA sum of the splits); shrink_kernel_ms the shrink
-kernel alone.
+whole call (with the XLA sum of the splits where there are several); shrink_kernel_ms the shrink kernel alone.
 
 Usage: python bench/tile_shrink_tuning.py [--out FILE]   (GPU)
 """
@@ -35,17 +34,18 @@ from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes  # noqa: E402
 from meteora_jax.pallas.tile_routing import slot_coefficients, slot_count, tile_slots  # noqa: E402
 from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink, tile_shrink_reference  # noqa: E402
 
-CASES = (Case(4096, 4096, 256, 16384), Case(4096, 4096, 1024, 4096))
+CASES = (Case(4096, 4096, 256, 16384), Case(4096, 4096, 256, 4096), Case(4096, 4096, 1024, 4096))
 TILE_TOKENS = RoutedGemmBlockSizes().tile_tokens
 
 
 def block_grid():
-    # 256-token programs (a whole routing tile) lost to 64 and 128 in the previous sweep
-    # (results/tile_shrink_tuning_256.json); this one asks whether A read along its inputs helps.
-    for tokens, block_in, warps, splits, transpose in itertools.product((64, 128), (128, 256), (4, 8), (1, 4, 8),
-                                                                         (False, True)):
-        yield TileShrinkBlockSizes(block_tokens=tokens, block_in=block_in, num_warps=warps, splits=splits,
-                                   transpose_a=transpose)
+    # The first sweep with A gathered in 16-byte pieces (results/tile_shrink_tuning_gathered.json) chose 128-token
+    # blocks over 64 and one split only past 16384 tokens; here: more loads in flight, with which one split (no sum
+    # by XLA) may pay.
+    yield TileShrinkBlockSizes(block_tokens=64, block_in=128, num_warps=4, num_stages=2, splits=4)  # session 10
+    for block_in, warps, splits, stages in itertools.product((64, 128), (4, 8), (1, 2, 4), (2, 3, 4)):
+        yield TileShrinkBlockSizes(block_tokens=128, block_in=block_in, num_warps=warps, splits=splits,
+                                   num_stages=stages)
 
 
 def main() -> None:

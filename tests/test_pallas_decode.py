@@ -112,6 +112,19 @@ def test_ties_go_to_the_lower_adapter_as_in_route():
     np.testing.assert_array_equal(indices, ref_indices)
 
 
+def test_a_nan_logit_routes_as_xla_does():
+    """A NaN logit counts as the largest, as in XLA's argmax: no index past the adapters (on the GPU Triton's max
+    skips NaN, and no lane would equal it)."""
+    x, gate, y, a, b, scaling = problem((3, 32, 32, 6, 4, 2, 1.0), "float32", seed=2)
+    gate = gate.at[:, 4].set(jnp.nan)
+    blocks = DecodeBlockSizes() if ON_GPU else SMALL
+    _, _, indices, weights = decode_layer(x, gate, y, a, b, scaling, top_k=2, temperature=1.0, blocks=blocks,
+                                          interpret=not ON_GPU)
+    _, _, ref_indices, _ = decode_layer_reference(x, gate, y, a, b, scaling, top_k=2, temperature=1.0)
+    np.testing.assert_array_equal(indices, ref_indices)
+    assert np.all(np.asarray(indices)[:, 0] == 4) and np.all(np.isnan(np.asarray(weights)))
+
+
 def test_decode_layer_gradients_match_reference():
     args = problem((5, 40, 30, 4, 8, 2, 2.0), "float32", seed=2)
     cotangent = jnp.asarray(np.random.default_rng(3).standard_normal((5, 30)), jnp.float32)

@@ -102,20 +102,28 @@ def test_routed_gemm_names_the_gpu_it_needs(monkeypatch):
         routed_gemm(x, w, h, b_tile, jnp.arange(2)[:, None], blocks=SMALL_GEMM, interpret=False)
 
 
-@pytest.mark.parametrize("transpose_a", [False, True])
-@pytest.mark.parametrize("rank, in_features, splits", [(8, 96, 4), (12, 64, 1), (64, 40, 2)])
-def test_tile_shrink_matches_reference_interpreted(rank, in_features, splits, transpose_a):
+@pytest.mark.parametrize("rank, in_features, splits", [(8, 96, 4), (8, 96, 1), (12, 64, 1), (4, 72, 2), (64, 40, 2),
+                                                        (32, 64, 1)])
+def test_tile_shrink_matches_reference_interpreted(rank, in_features, splits):
     rng = np.random.default_rng(rank)
     t, n, tile = 128, 10, 64
     slots = max(1, 64 // rank)
     x, a = normal(rng, (t, in_features)), normal(rng, (n, in_features, rank))
     adapters = jnp.asarray(rng.integers(0, n, (t // tile, slots)), jnp.int32)
     coef = jnp.asarray(rng.standard_normal((t, slots)), jnp.float32)
-    blocks = TileShrinkBlockSizes(block_tokens=32, block_in=32, splits=splits, transpose_a=transpose_a)
+    blocks = TileShrinkBlockSizes(block_tokens=32, block_in=32, splits=splits)
     ours = tile_shrink(x, a, adapters, coef, tile_tokens=tile, blocks=blocks, interpret=INTERPRET)
     ref = tile_shrink_reference(x, a, adapters, coef)
     assert ours.shape == (t, 64) and rel_error(ours, ref) < 1e-2
     np.testing.assert_array_equal(np.asarray(ours[:, slots * rank:], np.float32), 0)
+
+
+def test_tile_shrink_splits_fill_the_gpu_until_set():
+    blocks = TileShrinkBlockSizes()
+    assert [blocks.split_count(t) for t in (1024, 4096, 8192, 16384, 65536)] == [4, 4, 2, 1, 1]
+    assert TileShrinkBlockSizes(splits=3).split_count(4096) == 3
+    with pytest.raises(ValueError, match="num_stages=0 must be >= 1"):
+        TileShrinkBlockSizes(num_stages=0).check(128)
 
 
 def test_tile_shrink_gradients_match_reference():

@@ -54,10 +54,6 @@ def fused(x, w, a, b, scaling, indices, weights):
     return fused_linear(x, w, a, b, scaling, indices, weights, interpret=False)
 
 
-def shrink_of_transposed_a(x, a, adapters, coef):
-    return tile_shrink(x, a, adapters, coef, tile_tokens=256, blocks=TileShrinkBlockSizes(transpose_a=True))
-
-
 def decode(x, gate, y, a, b, scaling):
     return decode_layer(x, gate, y, a, b, scaling, top_k=2, temperature=1.0, interpret=False)
 
@@ -84,9 +80,11 @@ CASES = {
          "meteora_pair_grads"}),
     "routing of many tokens": (lambda logits: route_tokens(logits, 2, 1.0), (spec((64, N), jnp.float32),),
                                {"meteora_route_tokens"}),
-    "tile shrink reading A transposed": (
-        shrink_of_transposed_a, (spec((256, IN)), spec((N, IN, R)), spec((1, 64 // R), jnp.int32),
-                                 spec((256, 64 // R), jnp.float32)), {"meteora_tile_shrink"}),
+    "tile shrink in one split": (
+        lambda x, a, adapters, coef: tile_shrink(x, a, adapters, coef, tile_tokens=256,
+                                                 blocks=TileShrinkBlockSizes(splits=1)),
+        (spec((256, IN)), spec((N, IN, R)), spec((1, 64 // R), jnp.int32), spec((256, 64 // R), jnp.float32)),
+        {"meteora_tile_shrink"}),
 }
 
 

@@ -37,6 +37,7 @@ from meteora_jax.lora_mixture import (
 )
 from meteora_jax.pallas.block_sizes import check_powers_of_two
 from meteora_jax.pallas.lora_gather import lora_gather_reference
+from meteora_jax.pallas.route_tokens import top_k_rounds
 
 # The measured range (bench/NOTES.md): the grids grow with tokens, and a program holds a token's logits.
 MAX_TOKENS = PALLAS_DECODE_MAX_TOKENS
@@ -155,17 +156,8 @@ def _route(shares_ref, m, *, top_k, temperature, num_adapters):
         plt.load(shares_ref.at[jnp.int32(g), m, pl.ds(0, lanes.shape[0])], mask=lanes < num_adapters, other=0)
         for g in range(shares_ref.shape[0])
     ])
-    candidates = jnp.where(lanes < num_adapters, logits, -jnp.inf)
-    # k rounds of argmax: the first maximum wins, the same ties as lax.top_k and `route`.
-    chosen, values = [], []
-    for _ in range(top_k):
-        adapter = jnp.argmax(candidates).astype(jnp.int32)
-        values.append(jnp.max(candidates))
-        chosen.append(adapter)
-        candidates = jnp.where(lanes == adapter, -jnp.inf, candidates)
-    exps = [jnp.exp((v - values[0]) / temperature) for v in values]
-    total = functools.reduce(jnp.add, exps)
-    return logits, chosen, [e / total for e in exps]
+    chosen, weights = top_k_rounds(jnp.where(lanes < num_adapters, logits, -jnp.inf), lanes, top_k, temperature)
+    return logits, chosen, weights
 
 
 def _shrink_block(x_ref, a_ref, m, start, chosen, *, in_features, rank, rank_block, block_in):

@@ -21,7 +21,7 @@ from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add
 from meteora_jax.pallas.pair_grads import PAIR_PROGRAMS, pair_adapter_grads, pair_input_grads
 from meteora_jax.pallas.routed_gemm import LANE, SLOT_ROW_GROUP, RoutedGemmBlockSizes, routed_gemm
 from meteora_jax.pallas.tile_routing import route_tiles, slot_count
-from meteora_jax.pallas.tile_shrink import tile_shrink
+from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink
 
 
 def fused_linear(x, w, lora_a, lora_b, scaling, indices, weights, *,
@@ -43,7 +43,9 @@ def fused_linear(x, w, lora_a, lora_b, scaling, indices, weights, *,
         weights = jnp.pad(weights, ((0, padded), (0, 0)))
     adapters, per_slot, missed = route_tiles(indices, weights, scaling, tile_tokens=blocks.tile_tokens,
                                              slots=slot_count(r), interpret=interpret)
-    h = tile_shrink(x, lora_a, adapters, per_slot, tile_tokens=blocks.tile_tokens, interpret=interpret)
+    shrink_blocks = TileShrinkBlockSizes(block_tokens=math.gcd(blocks.tile_tokens, TileShrinkBlockSizes.block_tokens))
+    h = tile_shrink(x, lora_a, adapters, per_slot, tile_tokens=blocks.tile_tokens, blocks=shrink_blocks,
+                    interpret=interpret)
     y = routed_gemm(x, w, h, *_slot_bank(lora_b, adapters), blocks=blocks, interpret=interpret)
     return _add_missed(x, y, lora_a, lora_b, indices, missed, interpret)[:t]
 

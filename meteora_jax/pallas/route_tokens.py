@@ -43,6 +43,26 @@ class RouteBlockSizes:
             raise ValueError(f"num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
 
 
+def top_k_rounds(candidates, lanes, top_k: int, temperature: float):
+    """Inside a kernel: (k chosen lanes, int32; their k softmax(values / T) weights) along the last axis of
+    candidates (padding lanes -inf), by k rounds of max and its first lane: the same ties as lax.top_k and `route`.
+    Shared by this kernel's blocks of tokens and the decode kernel's single token."""
+    # A NaN counts as the largest logit, as in XLA's argmax (Triton's max would skip it, and no lane would equal the
+    # max): as +inf, so a row holding +inf before its first NaN takes the +inf first, where XLA takes the NaN; its
+    # weights are NaN either way.
+    candidates = jnp.where(candidates != candidates, jnp.inf, candidates)
+    chosen, values = [], []
+    for _ in range(top_k):
+        best = jnp.max(candidates, axis=-1)
+        lane = jnp.min(jnp.where(candidates == best[..., None], lanes, lanes.shape[0]), axis=-1)
+        chosen.append(lane.astype(jnp.int32))
+        values.append(best)
+        candidates = jnp.where(lanes == lane[..., None], -jnp.inf, candidates)
+    exps = [jnp.exp((v - values[0]) / temperature) for v in values]
+    total = functools.reduce(jnp.add, exps)
+    return chosen, [e / total for e in exps]
+
+
 def _kernel(logits_ref, idx_ref, weight_ref, *, tokens, num_adapters, top_k, temperature, blocks: RouteBlockSizes):
     first = pl.program_id(0) * blocks.block_tokens
     rows = first + jnp.arange(blocks.block_tokens)
@@ -50,24 +70,11 @@ def _kernel(logits_ref, idx_ref, weight_ref, *, tokens, num_adapters, top_k, tem
     inside = rows < tokens
     candidates = plt.load(logits_ref.at[pl.ds(first, blocks.block_tokens), pl.ds(0, lanes.shape[0])],
                           mask=inside[:, None] & (lanes[None, :] < num_adapters), other=-jnp.inf)
-    # A NaN counts as the largest logit, as in XLA's argmax (Triton's max would skip it, and no lane would equal the
-    # max): as +inf, so a row holding +inf before its first NaN takes the +inf first, where XLA takes the NaN; its
-    # weights are NaN either way.
-    candidates = jnp.where(candidates != candidates, jnp.inf, candidates)
-    # k rounds of max and its first lane: the same ties as lax.top_k and `route`.
-    chosen, values = [], []
-    for _ in range(top_k):
-        best = jnp.max(candidates, axis=1)
-        lane = jnp.min(jnp.where(candidates == best[:, None], lanes[None, :], lanes.shape[0]), axis=1)
-        chosen.append(lane.astype(jnp.int32))
-        values.append(best)
-        candidates = jnp.where(lanes[None, :] == lane[:, None], -jnp.inf, candidates)
-    exps = [jnp.exp((v - values[0]) / temperature) for v in values]
-    total = functools.reduce(jnp.add, exps)
+    chosen, weights = top_k_rounds(candidates, lanes, top_k, temperature)
     for j in range(top_k):
         column = jnp.full_like(rows, j)
         plt.store(idx_ref.at[rows, column], chosen[j], mask=inside)
-        plt.store(weight_ref.at[rows, column], exps[j] / total, mask=inside)
+        plt.store(weight_ref.at[rows, column], weights[j], mask=inside)
 
 
 def route_tokens(logits, top_k: int, temperature: float, *, blocks: RouteBlockSizes = RouteBlockSizes(),

@@ -2,8 +2,8 @@
 
 h[t, u r + j] = coef[t, u] * (x[t] @ A[adapters[tile(t), u]])[:, j]: 64 columns, U = 64 // r slots, zero past
 U r. Programs per block of tokens and share of the input features read x once and the slots' A as one
-[block_in, 64] gather per step, so one tensor-core dot per step serves every slot (XLA's form gathers A for
-every tile into memory first).
+[block_in, U, r] gather per step, so one tensor-core dot per step serves every slot (XLA's form gathers A for
+every tile into memory first), and scale by the coefficients before they write h.
 """
 
 from __future__ import annotations
@@ -19,27 +19,39 @@ from jax.experimental.pallas import triton as plt
 from meteora_jax.pallas.block_sizes import check_powers_of_two
 from meteora_jax.pallas.routed_gemm import LANE as COLUMNS  # h's width: the routed GEMM's extra step
 
+# Programs to aim for: the sweeps' best split counts (1 at 16384 tokens, 4 at 4096, 128-token blocks) give 128
+# programs, about one per multiprocessor of an H100 (bench/NOTES.md).
+TARGET_PROGRAMS = 128
+MAX_SPLITS = 4
+
 
 @dataclasses.dataclass(frozen=True)
 class TileShrinkBlockSizes:
-    block_tokens: int = 64
+    """block_tokens x block_in: one program step's x tile, over num_warps warps; num_stages: steps whose loads are
+    in flight at once (Triton's software pipelining). H100 sweeps: bench/NOTES.md."""
+
+    block_tokens: int = 128
     block_in: int = 128
     num_warps: int = 4
-    # Programs per block of tokens, each over its share of the input features (their float32 sums are added
-    # by XLA): a program's steps wait on gathered loads, so more, shorter programs fill the GPU.
-    splits: int = 4
-    # Read A as [N, r, I], transposed per call: a step's gathered loads then run along the inputs, not r elements
-    # (16 bytes at r = 8) at a time. The kernel alone took 59 instead of 82 us at N = 256, T = 16384, but the
-    # transpose costs more than that saves at N = 1024 (104 against 27 us in all at 4096 tokens); it pays only
-    # where A is held in that layout (bench/NOTES.md).
-    transpose_a: bool = False
+    num_stages: int = 3
+    # Programs per block of tokens, each over its share of the input features: more, shorter programs fill the
+    # GPU where tokens are few, but past one split their float32 shares are added by XLA. None: enough splits for
+    # about TARGET_PROGRAMS programs, at most MAX_SPLITS.
+    splits: int | None = None
 
     def check(self, tile_tokens: int) -> None:
         check_powers_of_two(self, ("block_tokens", "block_in"))
-        if self.splits < 1:
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+        if self.splits is not None and self.splits < 1:
             raise ValueError(f"splits={self.splits} must be >= 1")
         if tile_tokens % self.block_tokens:
             raise ValueError(f"block_tokens={self.block_tokens} must divide the routing tile of {tile_tokens} tokens")
+
+    def split_count(self, tokens: int) -> int:
+        if self.splits is not None:
+            return self.splits
+        return max(1, min(MAX_SPLITS, TARGET_PROGRAMS // (tokens // self.block_tokens)))
 
 
 def tile_shrink_reference(x, lora_a, adapters, coef):
@@ -53,15 +65,22 @@ def tile_shrink_reference(x, lora_a, adapters, coef):
     return jnp.pad(h.reshape(t, slots * r), ((0, 0), (0, COLUMNS - slots * r)))
 
 
-def _kernel(adapters_ref, x_ref, a_ref, partial_ref, *, in_features, rank, slots, tile_tokens, steps,
-            blocks: TileShrinkBlockSizes):
+def _kernel(adapters_ref, coef_ref, x_ref, a_ref, out_ref, *, in_features, rank, slots, tile_tokens, steps,
+            splits, blocks: TileShrinkBlockSizes):
     first = pl.program_id(0) * blocks.block_tokens
     split = pl.program_id(1)
     tile = first // tile_tokens
-    columns = jnp.arange(COLUMNS)
-    used = columns < slots * rank
-    slot_of_column = jnp.minimum(columns // rank, slots - 1)
-    adapter_of_column = plt.load(adapters_ref.at[jnp.full((COLUMNS,), tile, jnp.int32), slot_of_column])
+    # A step's A as [inputs, slots, rank] (both padded to powers of two): the slots' adapters broadcast along the
+    # other two axes, so Triton sees each slot's row of r elements as contiguous and loads it in 16-byte pieces.
+    # Gathered as [inputs, 64] columns, each element's adapter was a loaded value of its own, and the loads went
+    # out 2 bytes at a time (82 against 59 us at N = 256, T = 16384; bench/NOTES.md).
+    slot_lanes, rank_lanes = pl.next_power_of_2(slots), pl.next_power_of_2(rank)
+    slot = jnp.arange(slot_lanes)
+    ranks = jnp.arange(rank_lanes)
+    adapter = plt.load(adapters_ref.at[jnp.full((slot_lanes,), tile, jnp.int32), jnp.minimum(slot, slots - 1)])
+    shape = (blocks.block_in, slot_lanes, rank_lanes)
+    held = (slot < slots)[None, :, None] & (ranks < rank)[None, None, :]
+    columns = jnp.broadcast_to((ranks if rank_lanes == rank else jnp.minimum(ranks, rank - 1))[None, None, :], shape)
     inputs = jnp.arange(blocks.block_in)
 
     def step(k, acc):
@@ -69,17 +88,17 @@ def _kernel(adapters_ref, x_ref, a_ref, partial_ref, *, in_features, rank, slots
         valid = start + inputs < in_features
         x = plt.load(x_ref.at[pl.ds(first, blocks.block_tokens), pl.ds(start, blocks.block_in)],
                      mask=valid[None, :], other=0)
-        mask = valid[:, None] & used[None, :]
-        if blocks.transpose_a:  # lora_a as [N * r, I]
-            rows = jnp.broadcast_to((adapter_of_column * rank + columns % rank)[None, :], mask.shape)
-            a = plt.load(a_ref.at[rows, jnp.broadcast_to(start + inputs[:, None], mask.shape)], mask=mask, other=0)
-        else:  # lora_a as [N * I, r]
-            rows = (adapter_of_column * in_features)[None, :] + start + inputs[:, None]
-            a = plt.load(a_ref.at[rows, jnp.broadcast_to(columns % rank, rows.shape)], mask=mask, other=0)
-        return acc + jnp.dot(x, a, preferred_element_type=jnp.float32)
+        rows = jnp.broadcast_to(adapter[None, :, None] * in_features + (start + inputs)[:, None, None], shape)
+        a = plt.load(a_ref.at[rows, columns], mask=valid[:, None, None] & held, other=0)
+        return acc + jnp.dot(x, a.reshape(blocks.block_in, slot_lanes * rank_lanes),
+                             preferred_element_type=jnp.float32)
 
-    partial_ref[split, pl.ds(first, blocks.block_tokens), :] = jax.lax.fori_loop(
-        0, steps, step, jnp.zeros((blocks.block_tokens, COLUMNS), jnp.float32))
+    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((blocks.block_tokens, slot_lanes * rank_lanes), jnp.float32))
+    lane_slot = jnp.minimum(jnp.arange(slot_lanes * rank_lanes) // rank_lanes, slots - 1)
+    tokens = pl.ds(first, blocks.block_tokens)
+    coef = plt.load(coef_ref.at[first + jnp.arange(blocks.block_tokens)[:, None], lane_slot[None, :]])
+    out = out_ref.at[tokens] if splits == 1 else out_ref.at[split, tokens]
+    out[...] = (acc * coef).astype(out_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("tile_tokens", "blocks", "interpret"))
@@ -131,25 +150,27 @@ def _backward(tile_tokens, blocks, interpret, residuals, g):
 _differentiable.defvjp(_forward, _backward)
 
 
-def _kernel_layout(lora_a, transpose: bool):
-    n, i, r = lora_a.shape
-    return jnp.swapaxes(lora_a, 1, 2).reshape(n * r, i) if transpose else lora_a.reshape(n * i, r)
-
-
 def _call(x, lora_a, adapters, coef, tile_tokens, blocks, interpret):
     t, i = x.shape
     n, _, r = lora_a.shape
     slots = adapters.shape[1]
-    steps = pl.cdiv(pl.cdiv(i, blocks.block_in), blocks.splits)
+    splits = blocks.split_count(t)
+    steps = pl.cdiv(pl.cdiv(i, blocks.block_in), splits)
     kernel = functools.partial(_kernel, in_features=i, rank=r, slots=slots, tile_tokens=tile_tokens, steps=steps,
-                               blocks=blocks)
-    partial = pl.pallas_call(
+                               splits=splits, blocks=blocks)
+    # One split writes h itself; more write float32 shares that XLA adds.
+    lanes = pl.next_power_of_2(slots) * pl.next_power_of_2(r)
+    shape = (t, lanes) if splits == 1 else (splits, t, lanes)
+    h = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((blocks.splits, t, COLUMNS), jnp.float32),
-        grid=(t // blocks.block_tokens, blocks.splits),
-        compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=2),
+        out_shape=jax.ShapeDtypeStruct(shape, x.dtype if splits == 1 else jnp.float32),
+        grid=(t // blocks.block_tokens, splits),
+        compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
         name="meteora_tile_shrink",
-    )(adapters, x, _kernel_layout(lora_a.astype(x.dtype), blocks.transpose_a))
-    per_column = jnp.pad(jnp.repeat(coef, r, axis=1), ((0, 0), (0, COLUMNS - slots * r)))
-    return (jnp.sum(partial, axis=0) * per_column).astype(x.dtype)
+    )(adapters, coef, x, lora_a.astype(x.dtype).reshape(n * i, r))
+    h = h if splits == 1 else jnp.sum(h, axis=0).astype(x.dtype)
+    if lanes == COLUMNS:  # r a power of two: the lanes are h's columns
+        return h
+    h = h.reshape(t, pl.next_power_of_2(slots), pl.next_power_of_2(r))[:, :slots, :r].reshape(t, slots * r)
+    return jnp.pad(h, ((0, 0), (0, COLUMNS - slots * r)))
