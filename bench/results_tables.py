@@ -434,7 +434,7 @@ def tile_routing_section(run: dict, title: str) -> list[str]:
     lines = [f"## `fused`'s tile routing kernel, {title} (`tile_routing_tuning.py`)\n",
              f"Date {env['date'][:10]}; {env['device']}; jax {env['versions']['jax']}. Device (kernel) time of "
              "`route_tiles` on top-2 choices in runs of 96 tokens (5% of choices random), 128-token tiles, 8 slots; "
-             "`baseline`: the kernel of an earlier commit on the same inputs in the same run.\n",
+             "two forms of the kernel on the same inputs in the same run (`--baseline`).\n",
              "| T | N | form | blocks | kernel us | same as reference |", "|---:|---:|---|---|---:|---|"]
     for r in run["rows"]:
         blocks = r["blocks"].split("(", 1)[1].rstrip(")")
@@ -587,6 +587,8 @@ def render() -> str:
                                   "loads in flight, A in 16-byte pieces")
     lines += shrink_sweep_section(load("tile_shrink_tuning_gathered.json"), "splits",
                                   "input splits, A in 16-byte pieces")
+    lines += tile_routing_section(load("tile_routing_tuning_flat_votes.json"),
+                                  "votes against the tile's choices as one flat vector")
     lines += tile_routing_section(load("tile_routing_tuning.json"), "slot rounds only for voted adapters (kept out)")
     lines += layer_section([load("meteora_layer_decode_shared_rounds.json")],
                            "MeteoRA layer, decode at N = 1024 after the decode kernel took the routing kernel's "

@@ -68,17 +68,17 @@ def route_tiles_reference(indices, weights, scaling, *, tile_tokens: int, slots:
 @dataclasses.dataclass(frozen=True)
 class TileRoutingBlockSizes:
     """num_warps per program (one program per tile, holding its tokens' choices and their pairwise comparison, which
-    grows with the square of the tile)."""
+    grows with the square of the tile): 4 took 8.4-9.0 us, 8 and 16 12.8-13.3 (bench/NOTES.md)."""
 
-    num_warps: int = 8
+    num_warps: int = 4
 
     def check(self) -> None:
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
 
 
-def _kernel(idx_ref, weight_ref, scaling_ref, adapters_ref, per_slot_ref, missed_ref, *, tile_tokens, top_k,
-            num_adapters, slots):
+def _kernel(idx_ref, weight_ref, scaling_ref, idx_flat_ref, weight_flat_ref, adapters_ref, per_slot_ref, missed_ref,
+            *, tile_tokens, top_k, num_adapters, slots):
     tile = pl.program_id(0)
     block = jnp.arange(max(pl.next_power_of_2(tile_tokens), 16))  # Triton's blocks: powers of two
     inside = block < tile_tokens
@@ -87,13 +87,19 @@ def _kernel(idx_ref, weight_ref, scaling_ref, adapters_ref, per_slot_ref, missed
     adapter = [plt.load(idx_ref.at[rows, column], mask=inside, other=0) for column in columns]
     coef = [plt.load(weight_ref.at[rows, column], mask=inside, other=0) * plt.load(scaling_ref.at[a])
             for column, a in zip(columns, adapter)]  # rows past the tile: no coefficient, no vote
-    # Each choice's votes: how many counted choices of the tile name its adapter (pairwise, not over N). The key
-    # orders adapters by votes, then by lower index: the ties of lax.top_k over the counts.
+    # Each choice's votes: how many counted choices of the tile name its adapter (pairwise, not over N), against the
+    # tile's choices as one flat vector (row-major [T, K]), -1 where a choice takes no vote: one [rows, rows K]
+    # comparison per column, where comparing column by column took 10.4-10.9 against 8.4-9.0 us (bench/NOTES.md).
+    flat = jnp.arange(max(pl.next_power_of_2(tile_tokens * top_k), 16))
+    position = tile * tile_tokens * top_k + flat
+    choice = plt.load(idx_flat_ref.at[position], mask=flat < tile_tokens * top_k, other=0)
+    weight = plt.load(weight_flat_ref.at[position], mask=flat < tile_tokens * top_k, other=0)
+    voters = jnp.where(weight * plt.load(scaling_ref.at[choice]) != 0, choice, -1)[None, :]
+    # The key orders adapters by votes, then by lower index: the ties of lax.top_k over the counts.
     lanes = pl.next_power_of_2(num_adapters)
     keys = []
     for a in adapter:
-        votes = functools.reduce(jnp.add, [jnp.sum(((a[:, None] == b[None, :]) & (c != 0)[None, :]).astype(jnp.int32),
-                                                   axis=1) for b, c in zip(adapter, coef)])
+        votes = jnp.sum((a[:, None] == voters).astype(jnp.int32), axis=1)
         keys.append(jnp.where(votes > 0, votes * lanes + (lanes - 1 - a), -1))
     held = [jnp.zeros(rows.shape, jnp.bool_) for _ in range(top_k)]
     for slot in range(slots):
@@ -159,4 +165,4 @@ def _call(indices, weights, scaling, tile_tokens, slots, blocks, interpret):
         compiler_params=plt.CompilerParams(num_warps=blocks.num_warps),
         interpret=interpret,
         name="meteora_route_tiles",
-    )(indices, weights, scaling)
+    )(indices, weights, scaling, indices.reshape(-1), weights.reshape(-1))
