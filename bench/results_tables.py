@@ -513,8 +513,8 @@ def shrink_sweep_section(run: dict, field: str, title: str) -> list[str]:
         f"## The `fused` shrink by {title} (`tile_shrink_tuning.py`)\n",
         f"Date {env['date'][:10]}; {env['device']}; jax {env['versions']['jax']}. Device (kernel) time, bf16, "
         f"4096 inputs, r = 8, of the whole call (the shrink kernel, the sum of its splits where there are several, and "
-        f"A's transpose where asked for). Best of each {field} over the other fields; configurations that ask for more "
-        "shared memory "
+        f"A's transpose in the sweep that tried it). Best of each {field} over the other fields; configurations that "
+        "ask for more shared memory "
         "than a multiprocessor has are left out.\n",
         f"| T | N | XLA ms | {field} | best ms | {'its shrink kernel ms | ' if kernel_alone else ''}configurations "
         "run | best blocks |",

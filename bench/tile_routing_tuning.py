@@ -3,7 +3,7 @@ on top-2 choices routed in runs of 96 tokens (5% of choices random), checked equ
 --baseline PATH times another commit's tile_routing.py (e.g. `git show REV:meteora_jax/pallas/tile_routing.py`) on
 the same inputs in the same run, since H100s lent at different times differ by up to 25% in these timings.
 
-Usage: python bench/tile_routing_tuning.py [--baseline FILE] [--out FILE]   (GPU)
+Usage: python bench/tile_routing_tuning.py [--baseline FILE] [--labels KERNEL,BASELINE] [--out FILE]   (GPU)
 """
 
 from __future__ import annotations
@@ -54,11 +54,13 @@ def load_module(path: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, help="another commit's meteora_jax/pallas/tile_routing.py")
+    parser.add_argument("--labels", default="kernel,baseline", help="the two forms' names in the rows")
     parser.add_argument("--out", type=Path, default=default_result_path("tile_routing_tuning.json"))
     args = parser.parse_args()
-    forms = {"kernel": tile_routing}
+    kernel_label, baseline_label = args.labels.split(",")
+    forms = {kernel_label: tile_routing}
     if args.baseline:
-        forms["baseline"] = load_module(args.baseline)
+        forms[baseline_label] = load_module(args.baseline)
     rows = []
     for tokens, adapters in CASES:
         choices = routed_choices(tokens, adapters, seed=adapters)

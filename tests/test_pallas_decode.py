@@ -114,7 +114,7 @@ def test_ties_go_to_the_lower_adapter_as_in_route():
 
 def test_a_nan_logit_routes_as_xla_does():
     """A NaN logit counts as the largest, as in XLA's argmax: no index past the adapters (on the GPU Triton's max
-    skips NaN, and no lane would equal it)."""
+    skips NaN, and no lane would equal it). Interpreted, the kernel's max is XLA's: this can fail only on a GPU."""
     x, gate, y, a, b, scaling = problem((3, 32, 32, 6, 4, 2, 1.0), "float32", seed=2)
     gate = gate.at[:, 4].set(jnp.nan)
     blocks = DecodeBlockSizes() if ON_GPU else SMALL

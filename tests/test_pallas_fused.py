@@ -102,8 +102,9 @@ def test_routed_gemm_names_the_gpu_it_needs(monkeypatch):
         routed_gemm(x, w, h, b_tile, jnp.arange(2)[:, None], blocks=SMALL_GEMM, interpret=False)
 
 
-@pytest.mark.parametrize("rank, in_features, splits", [(8, 96, 4), (8, 96, 1), (12, 64, 1), (4, 72, 2), (64, 40, 2),
-                                                        (32, 64, 1)])
+# Ranks 12, 13 and 24 are no powers of two: their lanes are padded (13 and 24 to 64 lanes, as many as h's columns).
+@pytest.mark.parametrize("rank, in_features, splits", [(8, 96, 4), (8, 96, 1), (12, 64, 1), (13, 64, 2), (24, 48, 1),
+                                                        (4, 72, 2), (64, 40, 2), (40, 64, 1), (32, 64, 1)])
 def test_tile_shrink_matches_reference_interpreted(rank, in_features, splits):
     rng = np.random.default_rng(rank)
     t, n, tile = 128, 10, 64
@@ -120,8 +121,9 @@ def test_tile_shrink_matches_reference_interpreted(rank, in_features, splits):
 
 def test_tile_shrink_splits_fill_the_gpu_until_set():
     blocks = TileShrinkBlockSizes()
-    assert [blocks.split_count(t) for t in (1024, 4096, 8192, 16384, 65536)] == [4, 4, 2, 1, 1]
-    assert TileShrinkBlockSizes(splits=3).split_count(4096) == 3
+    assert [blocks.split_count(t, 4096) for t in (1024, 4096, 8192, 16384, 65536)] == [4, 4, 2, 1, 1]
+    assert blocks.split_count(4096, 256) == 2  # no more splits than input steps of 128
+    assert TileShrinkBlockSizes(splits=3).split_count(4096, 4096) == 3
     with pytest.raises(ValueError, match="num_stages=0 must be >= 1"):
         TileShrinkBlockSizes(num_stages=0).check(128)
 
@@ -201,8 +203,9 @@ def test_missed_add_matches_reference_interpreted(programs, expand_programs):
         missed_add(x, a, b[:, :, :96], indices, coef, y[:, :96], blocks=blocks, interpret=True)
 
 
-# r = 16: 4 slots per tile, whose B rows the GEMM gathers; r = 12: 5 slots, B_tile gathered by XLA (60 rows)
-@pytest.mark.parametrize("case, r", [("runs", 16), ("runs past the slots", 16), ("runs past the slots", 12)])
+# r = 16: 4 slots per tile, whose B rows the GEMM gathers; r = 12 and 24: 5 and 2 slots, B_tile gathered by XLA
+@pytest.mark.parametrize("case, r", [("runs", 16), ("runs past the slots", 16), ("runs past the slots", 12),
+                                     ("runs past the slots", 24)])
 def test_fused_linear_matches_loop_with_gradients(case, r):
     rng = np.random.default_rng(3)
     t, i, o, n = 100, 128, 128, 12  # 100 tokens: padded to 128

@@ -80,6 +80,10 @@ CASES = {
          "meteora_pair_grads"}),
     "routing of many tokens": (lambda logits: route_tokens(logits, 2, 1.0), (spec((64, N), jnp.float32),),
                                {"meteora_route_tokens"}),
+    "tile shrink at rank 12 (padded lanes)": (
+        lambda x, a, adapters, coef: tile_shrink(x, a, adapters, coef, tile_tokens=256),
+        (spec((256, IN)), spec((N, IN, 12)), spec((1, 5), jnp.int32), spec((256, 5), jnp.float32)),
+        {"meteora_tile_shrink"}),
     "tile shrink in one split": (
         lambda x, a, adapters, coef: tile_shrink(x, a, adapters, coef, tile_tokens=256,
                                                  blocks=TileShrinkBlockSizes(splits=1)),

@@ -83,7 +83,7 @@ def test_full_size_on_gpu(n):
 # N = 3: fewer adapters than slots; N = 300: no power of two. Runs of 24 tokens with every third choice random, and
 # some weights exactly 0 (they take no vote), so tiles hold more adapters than slots and counts tie.
 # Tiles of 48 tokens: no power of two, so each program's block runs past its tile.
-# 5 slots (r = 12): no power of two either.
+# 5 slots (r = 12).
 @pytest.mark.parametrize("n, slots, tile", [(3, 8, 64), (12, 4, 64), (300, 8, 64), (12, 4, 48), (40, 5, 64)])
 def test_tile_routing_matches_reference_interpreted(n, slots, tile):
     rng = np.random.default_rng(n)

@@ -28,7 +28,8 @@ MAX_SPLITS = 4
 @dataclasses.dataclass(frozen=True)
 class TileShrinkBlockSizes:
     """block_tokens x block_in: one program step's x tile, over num_warps warps; num_stages: steps whose loads are
-    in flight at once (Triton's software pipelining). H100 sweeps: bench/NOTES.md."""
+    in flight at once (Triton's software pipelining). H100 sweeps: bench/NOTES.md. block_tokens must divide the
+    routing tile (fused_linear takes the largest power of two up to 128 that does)."""
 
     block_tokens: int = 128
     block_in: int = 128
@@ -36,7 +37,7 @@ class TileShrinkBlockSizes:
     num_stages: int = 3
     # Programs per block of tokens, each over its share of the input features: more, shorter programs fill the
     # GPU where tokens are few, but past one split their float32 shares are added by XLA. None: enough splits for
-    # about TARGET_PROGRAMS programs, at most MAX_SPLITS.
+    # about TARGET_PROGRAMS programs (split_count).
     splits: int | None = None
 
     def check(self, tile_tokens: int) -> None:
@@ -48,10 +49,12 @@ class TileShrinkBlockSizes:
         if tile_tokens % self.block_tokens:
             raise ValueError(f"block_tokens={self.block_tokens} must divide the routing tile of {tile_tokens} tokens")
 
-    def split_count(self, tokens: int) -> int:
+    def split_count(self, tokens: int, in_features: int) -> int:
+        """splits, else about TARGET_PROGRAMS programs (at most MAX_SPLITS, and no more than the input steps)."""
         if self.splits is not None:
             return self.splits
-        return max(1, min(MAX_SPLITS, TARGET_PROGRAMS // (tokens // self.block_tokens)))
+        enough = TARGET_PROGRAMS // max(1, tokens // self.block_tokens)
+        return max(1, min(MAX_SPLITS, enough, pl.cdiv(in_features, self.block_in)))
 
 
 def tile_shrink_reference(x, lora_a, adapters, coef):
@@ -73,7 +76,8 @@ def _kernel(adapters_ref, coef_ref, x_ref, a_ref, out_ref, *, in_features, rank,
     # A step's A as [inputs, slots, rank] (both padded to powers of two): the slots' adapters broadcast along the
     # other two axes, so Triton sees each slot's row of r elements as contiguous and loads it in 16-byte pieces.
     # Gathered as [inputs, 64] columns, each element's adapter was a loaded value of its own, and the loads went
-    # out 2 bytes at a time (82 against 59 us at N = 256, T = 16384; bench/NOTES.md).
+    # out 2 bytes at a time: 82 us at N = 256, T = 16384, where this gather with 3 steps' loads in flight and one
+    # split takes 59 (bench/NOTES.md).
     slot_lanes, rank_lanes = pl.next_power_of_2(slots), pl.next_power_of_2(rank)
     slot = jnp.arange(slot_lanes)
     ranks = jnp.arange(rank_lanes)
@@ -94,11 +98,14 @@ def _kernel(adapters_ref, coef_ref, x_ref, a_ref, out_ref, *, in_features, rank,
                              preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((blocks.block_tokens, slot_lanes * rank_lanes), jnp.float32))
-    lane_slot = jnp.minimum(jnp.arange(slot_lanes * rank_lanes) // rank_lanes, slots - 1)
-    tokens = pl.ds(first, blocks.block_tokens)
+    lane = jnp.arange(slot_lanes * rank_lanes)
+    lane_slot = jnp.minimum(lane // rank_lanes, slots - 1)
     coef = plt.load(coef_ref.at[first + jnp.arange(blocks.block_tokens)[:, None], lane_slot[None, :]])
+    # Padding lanes stay exact zeros, whatever the coefficients hold (an inf times 0 would be NaN).
+    padding = (lane // rank_lanes >= slots) | (lane % rank_lanes >= rank)
+    tokens = pl.ds(first, blocks.block_tokens)
     out = out_ref.at[tokens] if splits == 1 else out_ref.at[split, tokens]
-    out[...] = (acc * coef).astype(out_ref.dtype)
+    out[...] = jnp.where(padding[None, :], 0.0, acc * coef).astype(out_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("tile_tokens", "blocks", "interpret"))
@@ -154,7 +161,7 @@ def _call(x, lora_a, adapters, coef, tile_tokens, blocks, interpret):
     t, i = x.shape
     n, _, r = lora_a.shape
     slots = adapters.shape[1]
-    splits = blocks.split_count(t)
+    splits = blocks.split_count(t, i)
     steps = pl.cdiv(pl.cdiv(i, blocks.block_in), splits)
     kernel = functools.partial(_kernel, in_features=i, rank=r, slots=slots, tile_tokens=tile_tokens, steps=steps,
                                splits=splits, blocks=blocks)
@@ -170,7 +177,7 @@ def _call(x, lora_a, adapters, coef, tile_tokens, blocks, interpret):
         name="meteora_tile_shrink",
     )(adapters, coef, x, lora_a.astype(x.dtype).reshape(n * i, r))
     h = h if splits == 1 else jnp.sum(h, axis=0).astype(x.dtype)
-    if lanes == COLUMNS:  # r a power of two: the lanes are h's columns
+    if pl.next_power_of_2(r) == r or slots == 1:  # lane u * rank_lanes + j is h's column u * r + j
         return h
     h = h.reshape(t, pl.next_power_of_2(slots), pl.next_power_of_2(r))[:, :slots, :r].reshape(t, slots * r)
     return jnp.pad(h, ((0, 0), (0, COLUMNS - slots * r)))
