@@ -233,6 +233,20 @@ def test_fused_linear_matches_loop_with_gradients(case, r):
         assert rel_error(g, ref) < 2e-2, name
 
 
+def test_fused_linear_names_the_callers_shapes():
+    rng = np.random.default_rng(11)
+    x, w, a, b, scaling = layer_operands(rng, 100, 64, 128, 4, 8)
+    indices, weights = runs_of_adapters(rng, 100, 4, run=32)
+    with pytest.raises(ValueError, match=r"indices \(90, 2\) and weights \(90, 2\) \[100, K\] for x \(100, 64\)"):
+        fused_linear(x, w, a, b, scaling, indices[:90], weights[:90], blocks=SMALL_GEMM, interpret=True)
+    with pytest.raises(ValueError, match=r"scaling \(3,\) must be \[4\]"):
+        fused_linear(x, w, a, b, scaling[:3], indices, weights, blocks=SMALL_GEMM, interpret=True)
+    with pytest.raises(ValueError, match=r"w \(64, 128\) does not tile by 64 inputs x 256 outputs"):
+        fused_linear(x, w, a, b, scaling, indices, weights, interpret=True)
+    empty = fused_linear(x[:0], w, a, b, scaling, indices[:0], weights[:0], blocks=SMALL_GEMM, interpret=True)
+    assert empty.shape == (0, 128) and empty.dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("n, run", [(16, 96), (128, 96), (128, 1)])  # N r past 512; run 1: every choice random
 def test_fused_gradients_keep_no_per_token_copy_of_the_adapters(n, run):
     rng = np.random.default_rng(5)

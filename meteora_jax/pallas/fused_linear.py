@@ -36,6 +36,14 @@ def fused_linear(x, w, lora_a, lora_b, scaling, indices, weights, *,
         raise ValueError(f"the fused GEMM takes ranks up to {LANE}; the adapters have rank {r}")
     if w.shape[0] != i or lora_b.shape[:2] != (n, r) or lora_b.shape[2] != w.shape[1]:
         raise ValueError(f"shape mismatch: x {x.shape}, w {w.shape}, lora_a {lora_a.shape}, lora_b {lora_b.shape}")
+    if scaling.shape != (n,) or indices.ndim != 2 or indices.shape[0] != t or weights.shape != indices.shape:
+        raise ValueError(f"scaling {scaling.shape} must be [{n}], and indices {indices.shape} and weights "
+                         f"{weights.shape} [{t}, K] for x {x.shape}")
+    # Checked here, not only by the GEMM after padding, so that the message names the caller's shapes.
+    if w.shape[1] % blocks.tile_outputs or i % blocks.tile_k:
+        raise ValueError(f"w {w.shape} does not tile by {blocks.tile_k} inputs x {blocks.tile_outputs} outputs")
+    if t == 0:
+        return jnp.zeros((0, w.shape[1]), x.dtype)
     padded = -t % blocks.tile_tokens
     if padded:
         x = jnp.pad(x, ((0, padded), (0, 0)))
