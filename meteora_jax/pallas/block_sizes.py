@@ -1,4 +1,4 @@
-"""The shape rule every Pallas kernel's block sizes share."""
+"""The rules every Pallas kernel's block sizes share."""
 
 from __future__ import annotations
 
@@ -9,3 +9,11 @@ def check_powers_of_two(blocks, names: tuple[str, ...]) -> None:
         value = getattr(blocks, name)
         if value is not None and (value < 16 or value & (value - 1)):
             raise ValueError(f"{name}={value} must be a power of two >= 16")
+
+
+def check_num_warps(blocks, names: tuple[str, ...]) -> None:
+    """Each named field of `blocks` must be a warp count Triton takes; None means automatic."""
+    for name in names:
+        warps = getattr(blocks, name)
+        if warps is not None and warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"{name}={warps} must be 1, 2, 4, 8 or 16")

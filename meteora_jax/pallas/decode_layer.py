@@ -35,7 +35,7 @@ from meteora_jax.lora_mixture import (
     gate_operand,
     route,
 )
-from meteora_jax.pallas.block_sizes import check_powers_of_two
+from meteora_jax.pallas.block_sizes import check_num_warps, check_powers_of_two
 from meteora_jax.pallas.lora_gather import lora_gather_reference
 from meteora_jax.pallas.route_tokens import top_k_rounds
 
@@ -82,10 +82,7 @@ class DecodeBlockSizes:
 
     def check(self) -> None:
         check_powers_of_two(self, ("gate_block_in", "gate_block_adapters", "gate_step_rows", "block_in", "block_out"))
-        for name in ("gate_num_warps", "shrink_num_warps", "num_warps"):
-            warps = getattr(self, name)
-            if warps is not None and warps not in (1, 2, 4, 8, 16):
-                raise ValueError(f"{name}={warps} must be 1, 2, 4, 8 or 16")
+        check_num_warps(self, ("gate_num_warps", "shrink_num_warps", "num_warps"))
 
     def shrink(self, num_adapters: int) -> tuple[int, int]:
         """route_shrink's (block_in, shrink_num_warps): as set, else from N by SHRINK_BY_ADAPTERS."""

@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from meteora_jax.lora_mixture import route
-from meteora_jax.pallas.block_sizes import check_powers_of_two
+from meteora_jax.pallas.block_sizes import check_num_warps, check_powers_of_two
 
 
 def route_tokens_reference(logits, top_k: int, temperature):
@@ -39,8 +39,7 @@ class RouteBlockSizes:
 
     def check(self) -> None:
         check_powers_of_two(self, ("block_tokens",))
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
+        check_num_warps(self, ("num_warps",))
 
 
 def top_k_rounds(candidates, lanes, top_k: int, temperature: float):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from meteora_jax.pallas.block_sizes import check_num_warps
 from meteora_jax.pallas.routed_gemm import LANE
 
 
@@ -73,8 +74,7 @@ class TileRoutingBlockSizes:
     num_warps: int = 4
 
     def check(self) -> None:
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
+        check_num_warps(self, ("num_warps",))
 
 
 def _kernel(idx_ref, weight_ref, scaling_ref, idx_flat_ref, weight_flat_ref, adapters_ref, per_slot_ref, missed_ref,

@@ -166,8 +166,8 @@ def _call(x, lora_a, adapters, coef, tile_tokens, blocks, interpret):
     kernel = functools.partial(_kernel, in_features=i, rank=r, slots=slots, tile_tokens=tile_tokens, steps=steps,
                                splits=splits, blocks=blocks)
     # One split writes h itself; more write float32 shares that XLA adds.
-    lanes = pl.next_power_of_2(slots) * pl.next_power_of_2(r)
-    shape = (t, lanes) if splits == 1 else (splits, t, lanes)
+    slot_lanes, rank_lanes = pl.next_power_of_2(slots), pl.next_power_of_2(r)
+    shape = (t, slot_lanes * rank_lanes) if splits == 1 else (splits, t, slot_lanes * rank_lanes)
     h = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(shape, x.dtype if splits == 1 else jnp.float32),
@@ -177,7 +177,7 @@ def _call(x, lora_a, adapters, coef, tile_tokens, blocks, interpret):
         name="meteora_tile_shrink",
     )(adapters, coef, x, lora_a.astype(x.dtype).reshape(n * i, r))
     h = h if splits == 1 else jnp.sum(h, axis=0).astype(x.dtype)
-    if pl.next_power_of_2(r) == r or slots == 1:  # lane u * rank_lanes + j is h's column u * r + j
+    if rank_lanes == r or slots == 1:  # lane u * rank_lanes + j is h's column u * r + j
         return h
-    h = h.reshape(t, pl.next_power_of_2(slots), pl.next_power_of_2(r))[:, :slots, :r].reshape(t, slots * r)
+    h = h.reshape(t, slot_lanes, rank_lanes)[:, :slots, :r].reshape(t, slots * r)
     return jnp.pad(h, ((0, 0), (0, COLUMNS - slots * r)))
