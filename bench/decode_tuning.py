@@ -7,7 +7,7 @@ default; each kernel's best is read off separately, and the gate tiles
 by the sum of gate and route_shrink (route_shrink sums one logit share per gate program).
 
 Usage (GPU): python bench/decode_tuning.py [--out FILE] [--gate-dtype bfloat16] [--cases T:N:O,...]
-                [--gate-tiles ROWSxADAPTERS,...] [--gate-steps ROWS,...] [--gate-warps W,...]
+                [--gate-tiles ROWSxADAPTERS,...] [--gate-steps ROWS,...] [--gate-warps W,...] [--gate-stages S,...]
                 [--blocks INxOUT,...] [--warps W,...]
 """
 
@@ -44,15 +44,18 @@ CASES = [(1, 28, 4096), (16, 28, 4096), (1, 1024, 4096), (16, 1024, 4096)]  # (T
 GATE_TILES = [(64, 32), (128, 32), (256, 32), (512, 32), (1024, 32), (2048, 32), (512, 64), (1024, 64)]
 GATE_STEPS = (32, 64)
 GATE_WARPS = (4,)
+GATE_STAGES = (2,)
 BLOCKS = [(128, 128), (128, 256), (256, 128)]  # (block_in, block_out); the first run swept these wider
 WARPS = (1,)
 
 def configs(gate_tiles: Sequence[tuple[int, int]] = GATE_TILES, blocks: Sequence[tuple[int, int]] = BLOCKS,
             warps: Sequence[int] = WARPS, gate_steps: Sequence[int] = GATE_STEPS,
-            gate_warps: Sequence[int] = GATE_WARPS) -> list[DecodeBlockSizes]:
+            gate_warps: Sequence[int] = GATE_WARPS, gate_stages: Sequence[int] = GATE_STAGES) -> list[DecodeBlockSizes]:
     default = DecodeBlockSizes()
-    gate = [dataclasses.replace(default, gate_block_in=i, gate_block_adapters=n, gate_step_rows=step, gate_num_warps=w)
-            for (i, n), step, w in itertools.product(gate_tiles, gate_steps, gate_warps) if step <= i]
+    gate = [dataclasses.replace(default, gate_block_in=i, gate_block_adapters=n, gate_step_rows=step, gate_num_warps=w,
+                                gate_num_stages=stages)
+            for (i, n), step, w, stages in itertools.product(gate_tiles, gate_steps, gate_warps, gate_stages)
+            if step <= i]
     # Each config sets both kernels' warps; each kernel's best is read off separately.
     rest = [dataclasses.replace(default, block_in=i, block_out=o, shrink_num_warps=w, num_warps=w)
             for (i, o), w in itertools.product(blocks, warps)]
@@ -121,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated ROWSxADAPTERS gate tiles to sweep")
     parser.add_argument("--gate-steps", type=int_list(), default=GATE_STEPS, help="comma-separated gate_step_rows")
     parser.add_argument("--gate-warps", type=int_list(), default=GATE_WARPS, help="comma-separated gate_num_warps")
+    parser.add_argument("--gate-stages", type=int_list(), default=GATE_STAGES,
+                        help="comma-separated gate_num_stages (steps' loads in flight)")
     parser.add_argument("--blocks", type=int_list("x", 2), default=BLOCKS,
                         help="comma-separated INxOUT route_shrink / expand_add blocks to sweep")
     parser.add_argument("--warps", type=int_list(), default=WARPS,
@@ -130,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for tokens, adapters, out_features in args.cases:
         x, sets = weights(tokens, adapters, out_features, args.gate_dtype)
-        for config in configs(args.gate_tiles, args.blocks, args.warps, args.gate_steps, args.gate_warps):
+        for config in configs(args.gate_tiles, args.blocks, args.warps, args.gate_steps, args.gate_warps,
+                              args.gate_stages):
             rows.append({"tokens": tokens, "adapters": adapters, "out_features": out_features,
                          **dataclasses.asdict(config), **kernel_us(config, x, sets, out_features)})
         del sets

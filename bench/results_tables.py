@@ -134,7 +134,7 @@ def decode_tuning_section(run: dict, subtitle: str | None = None) -> list[str]:
         "| T | N | out | kernel | best configuration | us | default us |",
         "|---:|---:|---:|---|---|---:|---:|",
     ]
-    gate_fields = ("gate_block_in", "gate_block_adapters", "gate_step_rows", "gate_num_warps")
+    gate_fields = ("gate_block_in", "gate_block_adapters", "gate_step_rows", "gate_num_warps", "gate_num_stages")
     shrink_warps = "shrink_num_warps" if "shrink_num_warps" in run["defaults"] else "num_warps"  # older runs shared
     fields = {"gate": tuple(f for f in gate_fields if f in run["defaults"]),
               "route_shrink": ("block_in", shrink_warps), "expand_add": ("block_out", "num_warps")}
@@ -559,6 +559,27 @@ def pallas_backward_section(run: dict) -> list[str]:
     return lines + [""]
 
 
+def is_matmul_kernel(name: str) -> bool:
+    """A profiler event of cuBLAS's or XLA's matmul kernels, not one of XLA's elementwise or reduction fusions."""
+    return not name.startswith(("loop_", "input_", "Memset"))
+
+
+def gate_prefill_section(run: dict) -> list[str]:
+    lines = [
+        "## Prefill gate matmul forms (`gate_prefill_forms.py`)\n",
+        f"Date {run['date'][:10]}; {run['device']}; jax {run['versions']['jax']}. x [T, 4096] @ gate [4096, N], "
+        f"bfloat16 with float32 logits, {run['calls_per_program']} chained calls per program; the matmul kernels' "
+        "profiler time per call (the chaining sum apart) and the largest of them, cuBLAS's tile in its name.\n",
+        "| T | N | form | matmul us | largest kernel |",
+        "|---:|---:|---|---:|---|",
+    ]
+    for r in run["results"]:
+        matmul = {k: v for k, v in r["kernels_us"].items() if is_matmul_kernel(k)}
+        lines.append(f"| {r['tokens']} | {r['adapters']} | {r['form']} | {sum(matmul.values()):.1f} | "
+                     f"`{max(matmul, key=matmul.get)}` |")
+    return lines + [""]
+
+
 def render() -> str:
     """RESULTS.md's text, from the committed JSON."""
     lines = ["# Benchmark results\n",
@@ -579,6 +600,18 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_fused_runs48.json")],
                            "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
                            "tile's slots), bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_decode_gate_tiles_bf16.json")],
+                           "MeteoRA layer, decode with the gate read in steps with four in flight and, beyond 256 "
+                           "adapters, the gate tile by its dtype; bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_decode_gate_tiles_f32.json")],
+                           "The same, float32 gates", "chained")
+    lines += decode_tuning_section(load("decode_tuning_gate_rows_stages.json"),
+                                   "bfloat16 gates, N = 1024, 512-2048 gate rows with steps' loads in flight")
+    lines += decode_tuning_section(load("decode_tuning_gate_stages.json"),
+                                   "bfloat16 gates, N = 1024, steps' loads in flight (gate_num_stages)")
+    lines += decode_tuning_section(load("decode_tuning_gate_columns_f32.json"),
+                                   "float32 gates, N = 1024, gate columns, steps and loads in flight")
+    lines += gate_prefill_section(load("gate_prefill_forms.json"))
     lines += layer_section([load("meteora_layer_shrink_stages_n28_n1024.json"),
                             load("meteora_layer_shrink_stages_n256.json")],
                            "MeteoRA layer with `fused`'s shrink reading A in 16-byte pieces, 3 loads in flight and one "

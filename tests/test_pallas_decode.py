@@ -209,11 +209,19 @@ def test_decode_layer_full_size_on_gpu(tokens, adapters, out_features, gate_dtyp
 def test_gate_rows_grow_with_the_adapters_and_inputs_until_set():
     assert DecodeBlockSizes().gate_rows(4096, 28) == 64
     assert DecodeBlockSizes().gate_rows(4096, 256) == 128
-    assert DecodeBlockSizes().gate_rows(4096, 1024) == 256
+    assert DecodeBlockSizes().gate_rows(4096, 1024) == 512
     assert DecodeBlockSizes().gate_rows(14336, 28) == 256  # at most 64 shares per token
     assert DecodeBlockSizes().gate_rows(40, 1024) == 64  # no more rows than the inputs need
     assert DecodeBlockSizes().gate_rows(65536, 1024) == 512  # never past the largest measured tile
     assert DecodeBlockSizes(gate_block_in=256).gate_rows(4096, 28) == 256
+
+
+def test_gate_steps_follow_the_adapters_and_the_gate_dtype_until_set():
+    for dtype in (jnp.bfloat16, jnp.float32):
+        assert DecodeBlockSizes().gate_step(28, dtype) == DecodeBlockSizes().gate_step(256, dtype) == (32, 128)
+    assert DecodeBlockSizes().gate_step(1024, jnp.bfloat16) == (64, 128)
+    assert DecodeBlockSizes().gate_step(1024, jnp.float32) == (32, 64)
+    assert DecodeBlockSizes(gate_block_adapters=16, gate_step_rows=32).gate_step(1024, jnp.bfloat16) == (16, 32)
 
 
 def test_route_shrink_programs_widen_with_many_adapters_until_set():

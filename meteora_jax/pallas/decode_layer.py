@@ -43,12 +43,19 @@ from meteora_jax.pallas.route_tokens import top_k_rounds
 MAX_TOKENS = PALLAS_DECODE_MAX_TOKENS
 MAX_ADAPTERS = PALLAS_DECODE_MAX_ADAPTERS
 MAX_RANK = PALLAS_MAX_RANK
-# Gate rows per program by adapter count at 4096 input features (bench/RESULTS.md): 64 at N = 28 and 256
-# at 1024 by gate + route_shrink time in the tuning sweeps, 128 at 256 by the whole layer's time (64 was
-# ~1 us slower there). Small tiles spread a few adapters' gate over many programs, but each route_shrink
-# program sums all of its token's logit shares.
+# Gate rows per program by adapter count at 4096 input features (bench/RESULTS.md): 64 at N = 28 and 512
+# at 1024 by gate + route_shrink time in the tuning sweeps (512 with three steps' loads in flight: 9.6
+# against 10.2 us at T = 1), 128 at 256 by the whole layer's time (64 was ~1 us slower there). Small tiles
+# spread a few adapters' gate over many programs, but each route_shrink program sums all of its token's
+# logit shares.
 GATE_ROWS_BY_ADAPTERS = ((64, 64), (256, 128))
-GATE_ROWS_MANY_ADAPTERS = 256
+GATE_ROWS_MANY_ADAPTERS = 512
+# Gate (columns, step rows) per program: (32, 128) up to 256 adapters (one step: 128 rows or fewer); beyond,
+# by the gate's dtype, with four steps' loads in flight (gate_num_stages). At N = 1024, T = 1, gate +
+# route_shrink: bfloat16 (64, 128) 9.35 against 9.57 us for (32, 128); float32, whose steps take six
+# bfloat16 dots each, (32, 64) 12.7 against 13.8 for (32, 128) and 13.3 for (64, 64) (bench/NOTES.md).
+GATE_TILE_FEW_ADAPTERS = (256, (32, 128))
+GATE_TILE_MANY_ADAPTERS = {"bfloat16": (64, 128), "float32": (32, 64)}
 # Doubling the rows stops at MAX_GATE_SPLITS shares per token or at MAX_GATE_ROWS rows per program
 # (1024-2048 were slower in the second sweep).
 MAX_GATE_SPLITS = 64
@@ -64,17 +71,20 @@ SHRINK_MANY_ADAPTERS = (256, 4)
 @dataclasses.dataclass(frozen=True)
 class DecodeBlockSizes:
     """gate_block_in x gate_block_adapters: the gate tile per gate program, read gate_step_rows rows at a
-    time (gate_num_warps warps: its dots use tensor cores); block_in: input features per route_shrink
-    program (shrink_num_warps warps); block_out: output features per expand_add program (num_warps warps).
+    time with gate_num_stages steps' loads in flight (gate_num_warps warps: its dots use tensor cores);
+    block_in: input features per route_shrink program (shrink_num_warps warps); block_out: output features
+    per expand_add program (num_warps warps).
 
     Defaults from bench/decode_tuning.py on an H100 (4096 -> 4096 and 14336, r = 8, N = 28, 256 and 1024);
-    gate_block_in, block_in and shrink_num_warps None pick them from N (see gate_rows and shrink).
+    None picks a field from N (gate_block_in, block_in, shrink_num_warps; see gate_rows and shrink) or from
+    N and the gate's dtype (gate_block_adapters, gate_step_rows; see gate_step).
     """
 
     gate_block_in: int | None = None
-    gate_block_adapters: int = 32
+    gate_block_adapters: int | None = None
     gate_num_warps: int = 4
-    gate_step_rows: int = 128
+    gate_step_rows: int | None = None
+    gate_num_stages: int = 4
     block_in: int | None = None
     shrink_num_warps: int | None = None
     block_out: int = 128
@@ -83,12 +93,24 @@ class DecodeBlockSizes:
     def check(self) -> None:
         check_powers_of_two(self, ("gate_block_in", "gate_block_adapters", "gate_step_rows", "block_in", "block_out"))
         check_num_warps(self, ("gate_num_warps", "shrink_num_warps", "num_warps"))
+        if self.gate_num_stages < 1:
+            raise ValueError(f"gate_num_stages={self.gate_num_stages} must be >= 1")
 
     def shrink(self, num_adapters: int) -> tuple[int, int]:
         """route_shrink's (block_in, shrink_num_warps): as set, else from N by SHRINK_BY_ADAPTERS."""
         block_in, warps = next((v for most, v in SHRINK_BY_ADAPTERS if num_adapters <= most), SHRINK_MANY_ADAPTERS)
         return (block_in if self.block_in is None else self.block_in,
                 warps if self.shrink_num_warps is None else self.shrink_num_warps)
+
+    def gate_step(self, num_adapters: int, gate_dtype) -> tuple[int, int]:
+        """(gate_block_adapters, gate_step_rows), each as set or else from N and the gate's dtype by
+        GATE_TILE_FEW_ADAPTERS and GATE_TILE_MANY_ADAPTERS."""
+        most, tile = GATE_TILE_FEW_ADAPTERS
+        if num_adapters > most:
+            tile = GATE_TILE_MANY_ADAPTERS["bfloat16" if gate_dtype == jnp.bfloat16 else "float32"]
+        columns, step_rows = tile
+        return (columns if self.gate_block_adapters is None else self.gate_block_adapters,
+                step_rows if self.gate_step_rows is None else self.gate_step_rows)
 
     def gate_rows(self, in_features: int, num_adapters: int) -> int:
         """gate_block_in, or by default the rows that GATE_ROWS_BY_ADAPTERS gives for N (at most the
@@ -114,13 +136,12 @@ def _bf16_parts(v):
     return parts
 
 
-def _gate_kernel(x_ref, gate_ref, shares_ref, *, tokens, in_features, num_adapters, gate_rows,
-                 blocks: DecodeBlockSizes):
+def _gate_kernel(x_ref, gate_ref, shares_ref, *, tokens, in_features, num_adapters, gate_rows, gate_columns,
+                 step_rows):
     split, chunk = pl.program_id(0), pl.program_id(1)
     token_rows = jnp.arange(max(pl.next_power_of_2(tokens), 16))  # dot operands need >= 16 rows
-    first = chunk * blocks.gate_block_adapters
-    cols = first + jnp.arange(blocks.gate_block_adapters)
-    step_rows = min(blocks.gate_step_rows, gate_rows)
+    first = chunk * gate_columns
+    cols = first + jnp.arange(gate_columns)
 
     # The program's rows in steps, so that a large tile does not sit in registers at once (one 512 x 32
     # float32 tile spilled at two warps: 180 us); the steps do not overlap their loads, so each costs a
@@ -130,7 +151,7 @@ def _gate_kernel(x_ref, gate_ref, shares_ref, *, tokens, in_features, num_adapte
         rows = start + jnp.arange(step_rows)
         x = plt.load(x_ref.at[pl.ds(0, token_rows.shape[0]), pl.ds(start, step_rows)],
                      mask=(token_rows[:, None] < tokens) & (rows[None, :] < in_features), other=0)
-        gate = plt.load(gate_ref.at[pl.ds(start, step_rows), pl.ds(first, blocks.gate_block_adapters)],
+        gate = plt.load(gate_ref.at[pl.ds(start, step_rows), pl.ds(first, gate_columns)],
                         mask=(rows[:, None] < in_features) & (cols[None, :] < num_adapters), other=0)
         # Float32 products from bfloat16 tensor-core dots of the parts, dropping the terms below float32
         # rounding; float32 Triton dots (FMA code, or three TF32 passes) were 20-70x slower here.
@@ -140,9 +161,9 @@ def _gate_kernel(x_ref, gate_ref, shares_ref, *, tokens, in_features, num_adapte
                     share += jnp.dot(x_part, gate_part, preferred_element_type=jnp.float32)
         return share
 
-    share = jnp.zeros((token_rows.shape[0], blocks.gate_block_adapters), jnp.float32)
+    share = jnp.zeros((token_rows.shape[0], gate_columns), jnp.float32)
     share = jax.lax.fori_loop(0, gate_rows // step_rows, step, share)
-    plt.store(shares_ref.at[split, pl.ds(0, token_rows.shape[0]), pl.ds(first, blocks.gate_block_adapters)], share,
+    plt.store(shares_ref.at[split, pl.ds(0, token_rows.shape[0]), pl.ds(first, gate_columns)], share,
               mask=(token_rows[:, None] < tokens) & (cols[None, :] < num_adapters))
 
 
@@ -225,13 +246,14 @@ def _kernels(x, gate, y, lora_a, lora_b, scaling, top_k, temperature, blocks, in
     num_adapters, _, rank = lora_a.shape
     out_features = lora_b.shape[-1]
     gate_rows = blocks.gate_rows(in_features, num_adapters)
+    gate_columns, step_rows = blocks.gate_step(num_adapters, gate.dtype)
     gate_splits = pl.cdiv(in_features, gate_rows)
     shares = pl.pallas_call(
         functools.partial(_gate_kernel, tokens=tokens, in_features=in_features, num_adapters=num_adapters,
-                          gate_rows=gate_rows, blocks=blocks),
+                          gate_rows=gate_rows, gate_columns=gate_columns, step_rows=min(step_rows, gate_rows)),
         out_shape=jax.ShapeDtypeStruct((gate_splits, tokens, num_adapters), jnp.float32),
-        grid=(gate_splits, pl.cdiv(num_adapters, blocks.gate_block_adapters)),
-        compiler_params=plt.CompilerParams(num_warps=blocks.gate_num_warps, num_stages=2),
+        grid=(gate_splits, pl.cdiv(num_adapters, gate_columns)),
+        compiler_params=plt.CompilerParams(num_warps=blocks.gate_num_warps, num_stages=blocks.gate_num_stages),
         interpret=interpret,
         name="meteora_decode_gate",
     )(x, gate)
