@@ -600,6 +600,9 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_fused_runs48.json")],
                            "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
                            "tile's slots), bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_session12.json")],
+                           "MeteoRA layer, every strategy after session 12 (issue 4's targets in one run), routing in "
+                           "runs of 96 tokens, bfloat16 gates", "chained")
     lines += layer_section([load("meteora_layer_decode_gate_tiles_bf16.json")],
                            "MeteoRA layer, decode with the gate read in steps with four in flight and, beyond 256 "
                            "adapters, the gate tile by its dtype; bfloat16 gates", "chained")
