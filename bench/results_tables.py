@@ -623,6 +623,12 @@ def render() -> str:
                                   "loads in flight, A in 16-byte pieces")
     lines += shrink_sweep_section(load("tile_shrink_tuning_gathered.json"), "splits",
                                   "input splits, A in 16-byte pieces")
+    lines += layer_section([load("meteora_layer_voter_chunks.json")],
+                           "MeteoRA layer with `fused`'s tile routing counting votes 32 voters at a time, N = 256, "
+                           "routing in runs of 96 tokens, bfloat16 gates", "chained")
+    for chunk in (32, 16, 64):
+        lines += tile_routing_section(load(f"tile_routing_tuning_voter_chunks_{chunk}.json"),
+                                      f"votes counted {chunk} voters at a time (`chunk{chunk}`) against all at once")
     lines += tile_routing_section(load("tile_routing_tuning_flat_votes.json"),
                                   "votes against the tile's choices as one flat vector")
     lines += tile_routing_section(load("tile_routing_tuning.json"), "slot rounds only for voted adapters (kept out)")

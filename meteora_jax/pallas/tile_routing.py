@@ -66,12 +66,17 @@ def route_tiles_reference(indices, weights, scaling, *, tile_tokens: int, slots:
     return adapters, slot_coefficients(per_choice, slot, slots), jnp.where(slot < slots, 0, per_choice)
 
 
+# Voters compared with a tile's choices at a time: 16 took 11.6-11.8 us, 32 6.4-6.8, 64 8.9-9.4 and all 256 at
+# once 8.4-9.0 (H100, 128-token tiles, top-2; bench/NOTES.md).
+VOTER_CHUNK = 32
+
+
 @dataclasses.dataclass(frozen=True)
 class TileRoutingBlockSizes:
-    """num_warps per program (one program per tile, holding its tokens' choices and their pairwise comparison, which
-    grows with the square of the tile): 4 took 8.4-9.0 us, 8 and 16 12.8-13.3 (bench/NOTES.md)."""
+    """num_warps per program (one program per tile, holding its tokens' choices and comparing them with the tile's
+    choices VOTER_CHUNK at a time): 8 took 6.4-6.8 us, 4 7.8-8.4, 16 6.9-7.1 (bench/NOTES.md)."""
 
-    num_warps: int = 4
+    num_warps: int = 8
 
     def check(self) -> None:
         check_num_warps(self, ("num_warps",))
@@ -88,19 +93,21 @@ def _kernel(idx_ref, weight_ref, scaling_ref, idx_flat_ref, weight_flat_ref, ada
     coef = [plt.load(weight_ref.at[rows, column], mask=inside, other=0) * plt.load(scaling_ref.at[a])
             for column, a in zip(columns, adapter)]  # rows past the tile: no coefficient, no vote
     # Each choice's votes: how many counted choices of the tile name its adapter (pairwise, not over N), against the
-    # tile's choices as one flat vector (row-major [T, K]), -1 where a choice takes no vote: one [rows, rows K]
-    # comparison per column, where comparing column by column took 10.4-10.9 against 8.4-9.0 us (bench/NOTES.md).
-    flat = jnp.arange(max(pl.next_power_of_2(tile_tokens * top_k), 16))
-    position = tile * tile_tokens * top_k + flat
-    choice = plt.load(idx_flat_ref.at[position], mask=flat < tile_tokens * top_k, other=0)
-    weight = plt.load(weight_flat_ref.at[position], mask=flat < tile_tokens * top_k, other=0)
-    voters = jnp.where(weight * plt.load(scaling_ref.at[choice]) != 0, choice, -1)[None, :]
+    # tile's choices as one flat vector (row-major [T, K]), -1 where a choice takes no vote, VOTER_CHUNK voters at a
+    # time: one [rows, rows K] comparison per column took 8.4-9.0 us, in chunks 6.4-6.8 (bench/NOTES.md).
+    flat_size = max(pl.next_power_of_2(tile_tokens * top_k), 16)
+    chunk = min(VOTER_CHUNK, flat_size)
+    counts = [jnp.zeros(rows.shape, jnp.int32) for _ in adapter]
+    for start in range(0, flat_size, chunk):
+        flat = start + jnp.arange(chunk)
+        position = tile * tile_tokens * top_k + flat
+        choice = plt.load(idx_flat_ref.at[position], mask=flat < tile_tokens * top_k, other=0)
+        weight = plt.load(weight_flat_ref.at[position], mask=flat < tile_tokens * top_k, other=0)
+        voters = jnp.where(weight * plt.load(scaling_ref.at[choice]) != 0, choice, -1)[None, :]
+        counts = [c + jnp.sum((a[:, None] == voters).astype(jnp.int32), axis=1) for c, a in zip(counts, adapter)]
     # The key orders adapters by votes, then by lower index: the ties of lax.top_k over the counts.
     lanes = pl.next_power_of_2(num_adapters)
-    keys = []
-    for a in adapter:
-        votes = jnp.sum((a[:, None] == voters).astype(jnp.int32), axis=1)
-        keys.append(jnp.where(votes > 0, votes * lanes + (lanes - 1 - a), -1))
+    keys = [jnp.where(votes > 0, votes * lanes + (lanes - 1 - a), -1) for a, votes in zip(adapter, counts)]
     held = [jnp.zeros(rows.shape, jnp.bool_) for _ in range(top_k)]
     for slot in range(slots):
         best = functools.reduce(jnp.maximum, [jnp.max(k) for k in keys])
