@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from meteora_layer import RANK, TOP_K, environment  # noqa: E402
-from profile_events import traced_kernel_events  # noqa: E402
+from profile_events import kernel_us_per_call  # noqa: E402
 from result_path import default_result_path  # noqa: E402
 from results_tables import decode_tuning_section  # noqa: E402
 
@@ -86,14 +86,11 @@ def kernel_us(blocks: DecodeBlockSizes, x, sets, out_features: int) -> dict[str,
             x = y[:, : x.shape[1]]
         return x
 
-    compiled = jax.jit(program).lower(x, sets).compile()
-    jax.block_until_ready(compiled(x, sets))
-    events = traced_kernel_events(lambda: jax.block_until_ready(compiled(x, sets)))
     totals: dict[str, float] = collections.defaultdict(float)
-    for name, _, duration in events:
+    for name, us in kernel_us_per_call(program, (x, sets), CALLS).items():
         for kernel in KERNELS:
             if name.startswith(f"meteora_decode_{kernel}"):
-                totals[kernel] += duration / CALLS / 1e3
+                totals[kernel] += us
     return dict(totals)
 
 

@@ -13,7 +13,6 @@ Usage (GPU): python bench/gate_prefill_forms.py [--out FILE] [--tokens T,...] [-
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_tuning import int_list  # noqa: E402
 from meteora_layer import environment  # noqa: E402
-from profile_events import traced_kernel_events  # noqa: E402
+from profile_events import kernel_us_per_call  # noqa: E402
 from result_path import default_result_path  # noqa: E402
 from results_tables import is_matmul_kernel  # noqa: E402
 
@@ -53,7 +52,7 @@ FORMS: dict[str, Callable] = {
 }
 
 
-def kernel_us_per_call(form: Callable, tokens: int, adapters: int) -> dict[str, float]:
+def form_kernels_us(form: Callable, tokens: int, adapters: int) -> dict[str, float]:
     keys = jax.random.split(jax.random.key(tokens + adapters), CALLS + 1)
     gates = tuple((jax.random.normal(k, (IN_FEATURES, adapters)) * IN_FEATURES**-0.5).astype(jnp.bfloat16)
                   for k in keys[1:])
@@ -65,13 +64,7 @@ def kernel_us_per_call(form: Callable, tokens: int, adapters: int) -> dict[str, 
             x = x + jnp.sum(logits.reshape(-1, tokens, adapters), axis=(0, 2))[:, None].astype(x.dtype) * 1e-6
         return x
 
-    compiled = jax.jit(program).lower(x, gates).compile()
-    jax.block_until_ready(compiled(x, gates))
-    events = traced_kernel_events(lambda: jax.block_until_ready(compiled(x, gates)))
-    totals: dict[str, float] = collections.defaultdict(float)
-    for name, _, duration in events:
-        totals[name] += duration / CALLS / 1e3
-    return dict(totals)
+    return kernel_us_per_call(program, (x, gates), CALLS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for t in args.tokens:
         for n in args.adapters:
             for name, form in FORMS.items():
-                kernels = kernel_us_per_call(form, t, n)
+                kernels = form_kernels_us(form, t, n)
                 rows.append({"form": name, "tokens": t, "adapters": n, "kernels_us": kernels,
                              "matmul_us": sum(v for k, v in kernels.items() if is_matmul_kernel(k))})
     out.parent.mkdir(parents=True, exist_ok=True)

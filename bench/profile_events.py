@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import glob
 import tempfile
 from collections.abc import Callable
@@ -32,3 +33,16 @@ def traced_kernel_events(run: Callable[[], object]) -> list[tuple[str, float, fl
         run()
         jax.profiler.stop_trace()
         return device_kernel_events(trace_dir)
+
+
+def kernel_us_per_call(program: Callable, args: tuple, calls: int) -> dict[str, float]:
+    """Each kernel's device time in us per call of a jitted `program(*args)` that chains `calls` layer calls,
+    compiled and run once before the traced run."""
+    import jax
+
+    compiled = jax.jit(program).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    totals: dict[str, float] = collections.defaultdict(float)
+    for name, _, duration in traced_kernel_events(lambda: jax.block_until_ready(compiled(*args))):
+        totals[name] += duration / calls / 1e3
+    return dict(totals)
