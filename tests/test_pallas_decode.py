@@ -73,10 +73,13 @@ def test_decode_layer_with_a_bfloat16_gate_routes_on_its_product(case):
     assert rel_error(out.astype(jnp.float32) - y.astype(jnp.float32), ref - y.astype(jnp.float32)) < 1e-2
 
 
-def test_default_blocks_beyond_256_adapters_interpreted():
-    # Past 256 adapters route_shrink takes wider programs (DecodeBlockSizes.shrink); 300 inputs leave a ragged one.
+@pytest.mark.parametrize("gate_dtype", ["float32", "bfloat16"])
+def test_default_blocks_beyond_256_adapters_interpreted(gate_dtype):
+    # Past 256 adapters route_shrink takes wider programs (DecodeBlockSizes.shrink) and the gate's tile follows its
+    # dtype (DecodeBlockSizes.gate_step); 300 inputs leave a ragged program and a ragged gate step.
     case = (3, 300, 40, 300, 8, 2, 1.0)
     x, gate, y, a, b, scaling = problem(case, "float32", seed=3)
+    gate = gate.astype(gate_dtype)
     assert DecodeBlockSizes().shrink(300)[0] == 256
     out, logits, indices, _ = decode_layer(x, gate, y, a, b, scaling, top_k=2, temperature=1.0, interpret=True)
     ref, ref_logits, ref_indices, _ = decode_layer_reference(x, gate, y, a, b, scaling, top_k=2, temperature=1.0)
