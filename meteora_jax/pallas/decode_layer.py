@@ -144,8 +144,8 @@ def _gate_kernel(x_ref, gate_ref, shares_ref, *, tokens, in_features, num_adapte
     cols = first + jnp.arange(gate_columns)
 
     # The program's rows in steps, so that a large tile does not sit in registers at once (one 512 x 32
-    # float32 tile spilled at two warps: 180 us); the steps do not overlap their loads, so each costs a
-    # memory latency: 128-row steps beat 64 by 0.4 us at 256 rows (bench/NOTES.md).
+    # float32 tile spilled at two warps: 180 us); Triton's pipeliner keeps gate_num_stages steps' loads in
+    # flight, without which each step waited on memory (bench/NOTES.md).
     def step(i, share):
         start = split * gate_rows + i * step_rows
         rows = start + jnp.arange(step_rows)
