@@ -304,19 +304,22 @@ def kernel_us(row: dict) -> str:
 
 def missed_add_section(run: dict, subtitle: str = "") -> list[str]:
     env, rows = run["environment"], run["rows"]
+    # One pass (programs x output spans per token) in older runs; two passes (shrink programs, expand programs over
+    # spans of span_out outputs) since.
+    fields = [f for f in ("programs", "expand_programs", "span_out", "spans", "block_in") if f in block_fields(rows[0])]
     lines = [
         f"## The `fused` strategy's miss path, block sizes (`missed_add_tuning.py`){subtitle}\n",
         f"Date {env['date'][:10]}; {env['device']}; jax {env['versions']['jax']}. The per-token remainder alone "
-        "(its kernel's own time, without XLA's copy of y), 4096 -> 4096, bf16, r = 8, k = 2, on the choices that "
-        "miss their 256-token tile's 8 most chosen adapters; programs x output spans per token, input features per "
-        "step.\n",
-        "| N | T | routing | choices missed | programs | spans | block_in | kernel us |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "(its kernels' own time, without XLA's copy of y), 4096 -> 4096, bf16, r = 8, k = 2, on the choices that "
+        "miss their tile's 8 most chosen adapters; programs, output spans and input features per step as the "
+        "run's kernel named them.\n",
+        f"| N | T | routing | choices missed | {' | '.join(fields)} | kernel us |",
+        f"|---:|---:|---|---:|{'---:|' * len(fields)}---:|",
     ]
     for r in rows:
         blocks, time = block_fields(r), kernel_us(r)
         lines.append(f"| {r['adapters']} | {r['tokens']} | {r['routing']} | {r['missed_share']:.2%} | "
-                     f"{blocks['programs']} | {blocks['spans']} | {blocks['block_in']} | {time} |")
+                     f"{' | '.join(blocks[f] for f in fields)} | {time} |")
     return lines + [""]
 
 
@@ -651,6 +654,7 @@ def render() -> str:
                            "bfloat16 gates", "chained")
     lines += missed_two_pass_section(load("missed_add_tuning_two_pass.json"),
                                      load("missed_add_one_pass_same_run.json"))
+    lines += missed_add_section(load("missed_add_tuning_session12.json"), ", session 12 (no misses against a few)")
     lines += missed_add_section(load("missed_add_tuning_block_in.json"), ", input steps and runs of 48 tokens")
     lines += missed_add_section(load("missed_add_tuning.json"))
     lines += layer_section([load("meteora_layer_fused_segments_gate_bf16.json")],
