@@ -1,9 +1,10 @@
 """Block sizes of the `fused` strategy's miss path (meteora_jax/pallas/missed_add.py): device (kernel) time of the
 per-token remainder on the choices that miss their tile's slots, bf16, r = 8, with each run's error against the
 plain reference. Only the kernels' own time counts (not XLA's copy of y, which the expand pass updates in place
-and a layer hands over). Three routings: runs of 96 tokens (meteora_layer.py --segment-tokens 96; a 256-token tile
-spans 3-4 runs, so few choices miss), runs of 48 (11-25% miss) and a random gate (nearly every choice past its
-tile's 8 most chosen misses).
+and a layer hands over). Three routings: runs of 96 tokens (meteora_layer.py --segment-tokens 96; a 128-token tile
+spans 2-3 runs, so few choices miss), runs of 48 (11-25% miss) and a random gate (nearly every choice past its
+tile's 8 most chosen misses). The passes walk the list of missed tokens per 128-token tile, as the routing kernel
+writes it.
 
 Usage: python bench/missed_add_tuning.py [--out FILE]   (GPU)
 """
@@ -24,7 +25,12 @@ from block_sweep import fastest, output_path, sweep, write_rows  # noqa: E402
 from meteora_layer import TOP_K, Case, make_params, normal, route, segment_inputs, traced_kernel_ms  # noqa: E402
 
 from meteora_jax.lora_mixture import compute_gate_logits  # noqa: E402
-from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add, missed_add_reference  # noqa: E402
+from meteora_jax.pallas.missed_add import (  # noqa: E402
+    MissedAddBlockSizes,
+    missed_add,
+    missed_add_reference,
+    missed_token_list,
+)
 from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes  # noqa: E402
 from meteora_jax.pallas.tile_routing import slot_count, tile_slots  # noqa: E402
 
@@ -35,10 +41,10 @@ MISS_KERNELS = ("meteora_missed_shrink", "meteora_missed_add")
 
 
 def block_grid():
-    # Two passes (a shrink, then an expand whose programs each take one output span) against the one-pass kernel's
-    # ~20 us for a lone miss: the sweep over programs per pass, and spans of one or four block_out steps.
-    for programs, expand_programs, span_out in itertools.product((1024, 4096), (256, 1024, 4096), (256, 1024)):
-        yield MissedAddBlockSizes(programs=programs, expand_programs=expand_programs, span_out=span_out)
+    # The passes walk the routing kernel's list of the missed tokens (session 13): programs per pass, from fewer
+    # than one per multiprocessor (cheap where nothing misses) to the owned-token walk's 1024.
+    for programs, expand_programs in itertools.product((128, 256, 1024), (128, 256, 1024)):
+        yield MissedAddBlockSizes(programs=programs, expand_programs=expand_programs)
 
 
 def missed_coefficients(case: Case, p: dict, routing: str):
@@ -62,8 +68,8 @@ def main() -> None:
         p = make_params(case, jax.random.key(case.adapters), "bfloat16")
         x, indices, coef = missed_coefficients(case, p, routing)
         y = x @ p["w"]
-        args = (x, p["lora_a"], p["lora_b"], indices, coef, y)
-        ref = missed_add_reference(*args).astype(jnp.float32) - y
+        args = (x, p["lora_a"], p["lora_b"], indices, coef, y, missed_token_list(coef, TILE_TOKENS))
+        ref = missed_add_reference(*args[:-1]).astype(jnp.float32) - y
         share = float(jnp.mean(coef != 0))
 
         def measure(blocks):

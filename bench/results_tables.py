@@ -603,6 +603,12 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_fused_runs48.json")],
                            "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
                            "tile's slots), bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_miss_list.json")],
+                           "MeteoRA layer with `fused`'s miss kernels walking the routing kernel's list of missed "
+                           "tokens and its shrink's product transposed (session 13), N = 256, routing in runs of 96 "
+                           "tokens, bfloat16 gates", "chained")
+    lines += missed_add_section(load("missed_add_tuning_listed.json"),
+                                ", session 13 (the passes walk the routing kernel's list of missed tokens)")
     lines += layer_section([load("meteora_layer_session12.json")],
                            "MeteoRA layer, every strategy after session 12 (issue 4's targets in one run), routing in "
                            "runs of 96 tokens, bfloat16 gates", "chained")

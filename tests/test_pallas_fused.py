@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from meteora_jax.lora_mixture import gated_output, lora_mixture, mixture_loop
 from meteora_jax.meteora import MeteoraConfig, MeteoraDense
 from meteora_jax.pallas.fused_linear import fused_linear
-from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add, missed_add_reference
+from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add, missed_add_reference, missed_token_list
 from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes, routed_gemm, routed_gemm_reference
 from meteora_jax.pallas.tile_routing import slot_count, tile_slots
 from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink, tile_shrink_reference
@@ -181,9 +181,9 @@ def test_tile_slots_hold_each_tile_s_most_chosen_and_point_at_them(seed, adapter
         assert held.sum() == np.sort(counts)[::-1][:slots].sum()
 
 
-# 20: 3 tokens per program, the last 12 programs own only 2
-@pytest.mark.parametrize("programs, expand_programs", [(1, 1), (20, 7), (64, 48)])
-def test_missed_add_matches_reference_interpreted(programs, expand_programs):
+# Programs past the listed tokens find nothing; tiles of 16 tokens (3 tiles) as the routing kernel lists them.
+@pytest.mark.parametrize("programs, expand_programs, tile", [(1, 1, None), (20, 7, 16), (64, 48, None), (3, 5, 16)])
+def test_missed_add_matches_reference_interpreted(programs, expand_programs, tile):
     rng = np.random.default_rng(2)
     t, i, o, n, r = 48, 64, 128, 6, 8
     x, a, b = normal(rng, (t, i), dtype=jnp.float32), normal(rng, (n, i, r), dtype=jnp.float32), normal(
@@ -194,13 +194,24 @@ def test_missed_add_matches_reference_interpreted(programs, expand_programs):
     y = normal(rng, (t, o), dtype=jnp.float32)
     blocks = MissedAddBlockSizes(programs=programs, expand_programs=expand_programs, span_out=64, block_in=32,
                                  block_out=32)
-    ours = missed_add(x, a, b, indices, coef, y, blocks=blocks, interpret=INTERPRET)
+    listed = None if tile is None else missed_token_list(coef, tile)
+    ours = missed_add(x, a, b, indices, coef, y, listed, blocks=blocks, interpret=INTERPRET)
     assert rel_error(ours - y, missed_add_reference(x, a, b, indices, coef, y) - y) < 1e-5
     np.testing.assert_array_equal(ours[:8], y[:8])  # tokens with no misses are left as they were
     nothing = missed_add(x, a, b, indices, jnp.zeros_like(coef), y, blocks=blocks, interpret=INTERPRET)
     np.testing.assert_array_equal(nothing, y)
     with pytest.raises(ValueError, match="does not tile by 32 inputs and spans of 64 outputs"):
         missed_add(x, a, b[:, :, :96], indices, coef, y[:, :96], blocks=blocks, interpret=True)
+    with pytest.raises(ValueError, match=r"per_tile \(5,\) and tokens \(48,\), must count whole tiles"):
+        missed_add(x, a, b, indices, coef, y, (jnp.zeros(5, jnp.int32), jnp.arange(48)), blocks=blocks,
+                   interpret=True)
+
+
+def test_missed_token_list_puts_each_tile_s_missed_tokens_first():
+    coef = jnp.zeros((8, 2)).at[1, 1].set(0.5).at[3, 0].set(-1.0).at[6, 0].set(2.0)
+    per_tile, tokens = missed_token_list(coef, 4)
+    np.testing.assert_array_equal(per_tile, [2, 1])
+    np.testing.assert_array_equal(tokens, [1, 3, 0, 2, 6, 4, 5, 7])
 
 
 # r = 16: 4 slots per tile, whose B rows the GEMM gathers; r = 12 and 24: 5 and 2 slots, B_tile gathered by XLA

@@ -4,8 +4,8 @@ Per tile of neighbouring tokens the routing keeps its U = 64 // r most chosen ad
 h [T, 64] holds each token's x A for each slot's adapter times its routing coefficient (zero for slots it did not
 choose; columns past U r zero); the GEMM gathers the slots' B rows, B_tile [64, O] per tile, and adds h @ B_tile
 in its epilogue. A token choice whose adapter missed its tile's slots (a tile spanning more than U adapters) is added
-afterwards, per token, by meteora_jax/pallas/missed_add.py, whose programs walk only the tokens with a miss;
-meteora_jax/pallas/pair_grads.py gives their gradients the same way.
+afterwards, per token, by meteora_jax/pallas/missed_add.py, whose programs walk the routing kernel's list of the
+tokens with a miss; meteora_jax/pallas/pair_grads.py gives their gradients.
 """
 
 from __future__ import annotations
@@ -49,13 +49,14 @@ def fused_linear(x, w, lora_a, lora_b, scaling, indices, weights, *,
         x = jnp.pad(x, ((0, padded), (0, 0)))
         indices = jnp.pad(indices, ((0, padded), (0, 0)))
         weights = jnp.pad(weights, ((0, padded), (0, 0)))
-    adapters, per_slot, missed = route_tiles(indices, weights, scaling, tile_tokens=blocks.tile_tokens,
-                                             slots=slot_count(r), interpret=interpret)
+    routing = route_tiles(indices, weights, scaling, tile_tokens=blocks.tile_tokens, slots=slot_count(r),
+                          interpret=interpret)
     shrink_blocks = TileShrinkBlockSizes(block_tokens=math.gcd(blocks.tile_tokens, TileShrinkBlockSizes.block_tokens))
-    h = tile_shrink(x, lora_a, adapters, per_slot, tile_tokens=blocks.tile_tokens, blocks=shrink_blocks,
+    h = tile_shrink(x, lora_a, routing.adapters, routing.per_slot, tile_tokens=blocks.tile_tokens, blocks=shrink_blocks,
                     interpret=interpret)
-    y = routed_gemm(x, w, h, *_slot_bank(lora_b, adapters), blocks=blocks, interpret=interpret)
-    return _add_missed(x, y, lora_a, lora_b, indices, missed, interpret)[:t]
+    y = routed_gemm(x, w, h, *_slot_bank(lora_b, routing.adapters), blocks=blocks, interpret=interpret)
+    listed = (routing.tile_misses, routing.missed_tokens)
+    return _add_missed(x, y, lora_a, lora_b, indices, routing.missed, listed, interpret)[:t]
 
 
 def _slot_bank(lora_b, adapters):
@@ -70,10 +71,11 @@ def _slot_bank(lora_b, adapters):
     return jnp.pad(b_tile, ((0, 0), (0, LANE - slots * r), (0, 0))), jnp.arange(tiles, dtype=jnp.int32)[:, None]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _add_missed(x, y, lora_a, lora_b, indices, missed, interpret):
-    """y plus the choices that missed their tile's slots (`missed`: their coefficients, zero elsewhere)."""
-    return missed_add(x, lora_a, lora_b, indices, missed, y, blocks=_missed_blocks(x, y), interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _add_missed(x, y, lora_a, lora_b, indices, missed, listed, interpret):
+    """y plus the choices that missed their tile's slots (`missed`: their coefficients, zero elsewhere; `listed`:
+    the tokens with one, as the routing kernel lists them)."""
+    return missed_add(x, lora_a, lora_b, indices, missed, y, listed, blocks=_missed_blocks(x, y), interpret=interpret)
 
 
 def _missed_blocks(x, y):
@@ -83,9 +85,9 @@ def _missed_blocks(x, y):
                                block_out=math.gcd(o, MissedAddBlockSizes.block_out))
 
 
-def _add_missed_forward(x, y, lora_a, lora_b, indices, missed, interpret):
+def _add_missed_forward(x, y, lora_a, lora_b, indices, missed, listed, interpret):
     # y passes straight through (its cotangent is g), so it is no residual: one [T, O] buffer less to keep.
-    return _add_missed(x, y, lora_a, lora_b, indices, missed, interpret), (x, lora_a, lora_b, indices, missed)
+    return _add_missed(x, y, lora_a, lora_b, indices, missed, listed, interpret), (x, lora_a, lora_b, indices, missed)
 
 
 def _add_missed_backward(interpret, residuals, g):
@@ -96,7 +98,7 @@ def _add_missed_backward(interpret, residuals, g):
     blocks = dataclasses.replace(_missed_blocks(x, g), programs=PAIR_PROGRAMS)
     dx, dmissed = pair_input_grads(x, lora_a, lora_b, indices, missed, g, blocks=blocks, interpret=interpret)
     da, db = pair_adapter_grads(x, lora_a, lora_b, indices, missed, g)
-    return dx, g, da, db, None, dmissed
+    return dx, g, da, db, None, dmissed, None
 
 
 _add_missed.defvjp(_add_missed_forward, _add_missed_backward)

@@ -2,14 +2,13 @@
 
 A token tile spanning more adapters than the routed GEMM's slots leaves some (token, choice) pairs out. They are
 added per token (BGMV style) in two passes: a shrink pass, h = c x A for each missed pair, and an expand pass,
-y += h B, whose programs each take one span of the outputs. In both, program p of P owns tokens p, p + P, p + 2P,
-... (misses cluster in tiles; interleaving spreads a tile's over the programs), reads its tokens' coefficients
-with one vector load per choice, returns at once if none missed, else walks only the tokens that did. So a call
-with few misses costs two short launches, with no branch in XLA (an XLA conditional would wait on the host for
-its predicate in every layer) and no list of the missed tokens (XLA's cumulative sum and scatter for one took
-longer than the kernel). Two passes because one program per missed token, shrinking and then expanding over every
-output in a loop, waited on memory once per step: ~20 us for a lone miss (bench/NOTES.md). Each token is one
-program's per pass, each output span one program's: no two programs write the same element.
+y += h B, whose programs each take one span of the outputs. Both walk a list of the tokens with a miss, which the
+routing kernel writes per tile (each tile's count, and its tokens with a miss first): program p of P takes the
+list's entries p, p + P, p + 2P, ..., so a call where nothing missed costs each program one read of the counts,
+and the work is spread evenly however the misses cluster. No branch in XLA (an XLA conditional would wait on the
+host for its predicate in every layer). Two passes because one program per missed token, shrinking and then
+expanding over every output in a loop, waited on memory once per step: ~20 us for a lone miss (bench/NOTES.md).
+Each token is one program's per pass, each output span one program's: no two programs write the same element.
 """
 
 from __future__ import annotations
@@ -28,18 +27,17 @@ from meteora_jax.pallas.lora_gather import lora_gather_reference
 
 @dataclasses.dataclass(frozen=True)
 class MissedAddBlockSizes:
-    """programs: at most this many shrink programs share the tokens (program p takes every programs-th from p);
-    block_in: input features per shrink step. expand_programs x (outputs / span_out): the expand pass's grid, its
-    programs sharing the tokens the same way, each over span_out outputs in block_out steps. num_warps: both
-    passes'."""
+    """programs: the shrink pass's programs, sharing the listed tokens (program p takes every programs-th entry
+    from p); block_in: input features per shrink step. expand_programs x (outputs / span_out): the expand pass's
+    grid, its programs sharing the entries the same way, each over span_out outputs in block_out steps.
+    num_warps: both passes'."""
 
-    # bench/missed_add_tuning.py: with 0.07% of the choices missing (N = 256, T = 16384) this took 17.4 us, the
-    # one-pass kernel 27.5; at 23% missing 447 against 390, under a random gate 1257 against 1522. More
-    # programs suit many misses (4096 x 4096: 347 us at 23%) but cost 29 us where few miss: each program that
-    # finds nothing still costs its launch.
-    programs: int = 1024
+    # bench/missed_add_tuning.py over the list (session 13), N = 256, T = 16384: nothing missed 3.4 us (1024 x
+    # 1024 programs: 6.6), 0.06% missed 15.2 (16.6), a random gate (88% missed) 1481 (1238); N = 1024, T = 4096
+    # alike. The random gate's choices would rather go to an XLA strategy anyway.
+    programs: int = 256
     block_in: int = 1024
-    expand_programs: int = 1024
+    expand_programs: int = 128
     span_out: int = 1024
     block_out: int = 256
     num_warps: int = 4
@@ -57,8 +55,8 @@ def missed_add_reference(x, lora_a, lora_b, indices, coef, y):
     return (y.astype(jnp.float32) + lora_gather_reference(x, lora_a, lora_b, indices, coef)).astype(y.dtype)
 
 
-def _shrink_kernel(idx_ref, coef_ref, x_ref, a_ref, h_ref, *, top_k, tokens, in_features, rank, rank_block,
-                   owned_block, blocks: MissedAddBlockSizes):
+def _shrink_kernel(per_tile_ref, tokens_ref, idx_ref, coef_ref, x_ref, a_ref, h_ref, *, top_k, tiles, tile_tokens,
+                   in_features, rank, rank_block, blocks: MissedAddBlockSizes):
     ranks = jnp.arange(rank_block)
 
     def one_choice(t, j):
@@ -74,12 +72,12 @@ def _shrink_kernel(idx_ref, coef_ref, x_ref, a_ref, h_ref, *, top_k, tokens, in_
         h_ref[t, j, :] = coef_ref[t, j] * jax.lax.fori_loop(0, in_features // blocks.block_in, step,
                                                             jnp.zeros((rank_block,), jnp.float32))
 
-    walk_missed_choices(coef_ref, one_choice, programs=blocks.programs, tokens=tokens, top_k=top_k,
-                        owned_block=owned_block)
+    walk_listed_choices(per_tile_ref, tokens_ref, coef_ref, one_choice, programs=blocks.programs, tiles=tiles,
+                        tile_tokens=tile_tokens, top_k=top_k)
 
 
-def _expand_kernel(idx_ref, coef_ref, h_ref, b_ref, y_ref, out_ref, *, top_k, tokens, rank, rank_block, owned_block,
-                   blocks: MissedAddBlockSizes):
+def _expand_kernel(per_tile_ref, tokens_ref, idx_ref, coef_ref, h_ref, b_ref, y_ref, out_ref, *, top_k, tiles,
+                   tile_tokens, rank, rank_block, blocks: MissedAddBlockSizes):
     del y_ref  # aliased to out_ref
     span = pl.program_id(1)
     ranks = jnp.arange(rank_block)
@@ -99,43 +97,46 @@ def _expand_kernel(idx_ref, coef_ref, h_ref, b_ref, y_ref, out_ref, *, top_k, to
 
         jax.lax.fori_loop(0, blocks.span_out // blocks.block_out, step, 0)
 
-    walk_missed_choices(coef_ref, one_choice, programs=blocks.expand_programs, tokens=tokens, top_k=top_k,
-                        owned_block=owned_block)
+    walk_listed_choices(per_tile_ref, tokens_ref, coef_ref, one_choice, programs=blocks.expand_programs,
+                        tiles=tiles, tile_tokens=tile_tokens, top_k=top_k)
 
 
-def token_ownership(programs: int, tokens: int) -> tuple[int, int]:
-    """(programs, at most one per token; owned_block: a power of two >= the tokens a program owns)."""
-    programs = max(min(programs, tokens), 1)
-    return programs, pl.next_power_of_2(pl.cdiv(tokens, programs))
+def missed_token_list(coef, tile_tokens: int):
+    """(per_tile [T // tile_tokens]: each tile's tokens with a nonzero coef [T, K]; tokens [T]: each tile's token
+    indices, those with a nonzero coef first, each part in order), as the routing kernel writes them."""
+    t = coef.shape[0]
+    missed = jnp.any(coef != 0, axis=1).reshape(t // tile_tokens, tile_tokens)
+    order = jnp.argsort(~missed, axis=1, stable=True) + jnp.arange(0, t, tile_tokens)[:, None]
+    return jnp.sum(missed, axis=1, dtype=jnp.int32), order.reshape(t).astype(jnp.int32)
 
 
-def walk_missed_choices(coef_ref, one_choice, *, programs: int, tokens: int, top_k: int, owned_block: int):
-    """Calls one_choice(t, j) for every choice j with a nonzero coefficient of every token t that this program
-    owns (t = program id + a multiple of `programs`), token after token."""
-    program = pl.program_id(0)
-    owned = jnp.arange(owned_block)
-    rows = program + owned * programs
-    missed = sum(plt.load(coef_ref.at[rows, jnp.full_like(rows, j)], mask=rows < tokens, other=0) != 0
-                 for j in range(top_k))
+def walk_listed_choices(per_tile_ref, tokens_ref, coef_ref, one_choice, *, programs: int, tiles: int,
+                        tile_tokens: int, top_k: int):
+    """Calls one_choice(t, j) for every choice j with a nonzero coefficient of the listed tokens t that are this
+    program's: the list's entries program id, + programs, + 2 programs, ... (see missed_token_list)."""
+    lanes = max(pl.next_power_of_2(tiles), 16)
+    tile = jnp.arange(lanes)
+    counts = plt.load(per_tile_ref.at[tile], mask=tile < tiles, other=0)
+    ends = jnp.cumsum(counts)
 
-    def next_missed(left):
-        first = jnp.min(jnp.where(left > 0, owned, owned_block))
-        t = program + first * programs
+    def next_entry(entry):
+        owner = jnp.sum((ends <= entry).astype(jnp.int32))
+        first = jnp.sum(jnp.where(tile == owner, ends - counts, 0))
+        t = tokens_ref[owner * tile_tokens + entry - first]
         for j in range(top_k):
             pl.when(coef_ref[t, j] != 0)(functools.partial(one_choice, t, j))
-        return jnp.where(owned == first, 0, left)
+        return entry + programs
 
-    # Only the owned tokens with a miss, one after the other: a scalar check per owned token would wait on
-    # memory once per token.
-    jax.lax.while_loop(lambda left: jnp.max(left) > 0, next_missed, missed.astype(jnp.int32))
+    jax.lax.while_loop(lambda entry: entry < jnp.sum(counts), next_entry, pl.program_id(0))
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
-def missed_add(x, lora_a, lora_b, indices, coef, y, *, blocks: MissedAddBlockSizes = MissedAddBlockSizes(),
-               interpret: bool = False):
-    """y + the pairs with nonzero coef [T, K] (see missed_add_reference), in y's dtype. I must tile by
-    block_in, O by span_out; indices must lie in [0, N). Forward only: its gradients are in
-    pair_grads.py."""
+def missed_add(x, lora_a, lora_b, indices, coef, y, listed=None, *,
+               blocks: MissedAddBlockSizes = MissedAddBlockSizes(), interpret: bool = False):
+    """y + the pairs with nonzero coef [T, K] (see missed_add_reference), in y's dtype. listed: (per_tile, tokens)
+    as missed_token_list gives them for some tile that divides T (the routing kernel's); None: built here, with
+    the tokens as one tile. I must tile by block_in, O by span_out; indices must lie in [0, N). Forward only: its
+    gradients are in pair_grads.py."""
     blocks.check()
     t, i = x.shape
     n, _, r = lora_a.shape
@@ -145,30 +146,33 @@ def missed_add(x, lora_a, lora_b, indices, coef, y, *, blocks: MissedAddBlockSiz
     if i % blocks.block_in or o % blocks.span_out:
         raise ValueError(f"x {x.shape} -> y {y.shape} does not tile by {blocks.block_in} inputs and "
                          f"spans of {blocks.span_out} outputs")
+    per_tile, tokens = missed_token_list(coef, t) if listed is None else listed
+    tiles = per_tile.shape[0]
+    if tokens.shape != (t,) or tiles < 1 or t % tiles:
+        raise ValueError(f"the list of missed tokens, per_tile {per_tile.shape} and tokens {tokens.shape}, must "
+                         f"count whole tiles of the {t} tokens and list each once")
     top_k = indices.shape[1]
     rank_block = max(pl.next_power_of_2(r), 16)
+    listed = (per_tile.astype(jnp.int32), tokens.astype(jnp.int32))
     indices, coef = indices.astype(jnp.int32), coef.astype(jnp.float32)
     params = plt.CompilerParams(num_warps=blocks.num_warps, num_stages=2)
+    shared = dict(top_k=top_k, tiles=tiles, tile_tokens=t // tiles, rank=r, rank_block=rank_block, blocks=blocks)
 
-    programs, owned_block = token_ownership(blocks.programs, t)
     h = pl.pallas_call(
-        functools.partial(_shrink_kernel, top_k=top_k, tokens=t, in_features=i, rank=r, rank_block=rank_block,
-                          owned_block=owned_block, blocks=dataclasses.replace(blocks, programs=programs)),
+        functools.partial(_shrink_kernel, in_features=i, **shared),
         out_shape=jax.ShapeDtypeStruct((t, top_k, rank_block), jnp.float32),  # written at the missed pairs only
-        grid=(programs,),
+        grid=(blocks.programs,),
         compiler_params=params,
         interpret=interpret,
         name="meteora_missed_shrink",
-    )(indices, coef, x, lora_a)
+    )(*listed, indices, coef, x, lora_a)
 
-    programs, owned_block = token_ownership(blocks.expand_programs, t)
     return pl.pallas_call(
-        functools.partial(_expand_kernel, top_k=top_k, tokens=t, rank=r, rank_block=rank_block, owned_block=owned_block,
-                          blocks=dataclasses.replace(blocks, expand_programs=programs)),
+        functools.partial(_expand_kernel, **shared),
         out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
-        grid=(programs, o // blocks.span_out),
-        input_output_aliases={4: 0},
+        grid=(blocks.expand_programs, o // blocks.span_out),
+        input_output_aliases={6: 0},
         compiler_params=params,
         interpret=interpret,
         name="meteora_missed_add",
-    )(indices, coef, h, lora_b, y)
+    )(*listed, indices, coef, h, lora_b, y)

@@ -1,8 +1,9 @@
 """Gradients of y += c (x A) B over the (token, choice) pairs of nonzero c, per token: the `fused` strategy's
 misses (meteora_jax/pallas/missed_add.py), a fraction of a percent of the pairs under trained gates.
 
-dx = c (g B^T) A^T and dc = (x A) . (g B^T) come from one kernel laid out as missed_add (program p owns tokens
-p, p + P, ...; a program none of whose tokens missed returns at once). No loop in XLA: a while loop over the
+dx = c (g B^T) A^T and dc = (x A) . (g B^T) come from one kernel whose program p owns tokens p, p + P, ... (a program
+none of whose tokens missed returns at once; missed_add's forward walks a list of the missed tokens instead, which
+only the routing kernel writes). No loop in XLA: a while loop over the
 pairs, or a conditional, would wait on the host for its predicate in every layer's backward (through SmolLM2's
 `fused` projections such loops took a gate step from 88 to 109 ms). Over every pair it is no substitute for
 XLA's per-pair products, which fuse the adapters' gathers: 2.3-2.9x their time at 16384 tokens of 4096 features
@@ -20,12 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from meteora_jax.pallas.in_place import add_into
-from meteora_jax.pallas.missed_add import (
-    MissedAddBlockSizes,
-    missed_add_reference,
-    token_ownership,
-    walk_missed_choices,
-)
+from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add_reference
 
 # Programs of the pair kernel, which walks its tokens as the one-pass miss kernel did (bench/NOTES.md): 4096 was that
 # kernel's choice, the fastest at 11-25% of the choices missing.
@@ -40,6 +36,33 @@ def pair_input_grads_reference(x, lora_a, lora_b, indices, coef, g):
     _, vjp = jax.vjp(delta, x.astype(jnp.float32), coef.astype(jnp.float32))
     dx, dcoef = vjp(g.astype(jnp.float32))
     return dx.astype(x.dtype), dcoef
+
+
+def token_ownership(programs: int, tokens: int) -> tuple[int, int]:
+    """(programs, at most one per token; owned_block: a power of two >= the tokens a program owns)."""
+    programs = max(min(programs, tokens), 1)
+    return programs, pl.next_power_of_2(pl.cdiv(tokens, programs))
+
+
+def walk_missed_choices(coef_ref, one_choice, *, programs: int, tokens: int, top_k: int, owned_block: int):
+    """Calls one_choice(t, j) for every choice j with a nonzero coefficient of every token t that this program
+    owns (t = program id + a multiple of `programs`), token after token."""
+    program = pl.program_id(0)
+    owned = jnp.arange(owned_block)
+    rows = program + owned * programs
+    missed = sum(plt.load(coef_ref.at[rows, jnp.full_like(rows, j)], mask=rows < tokens, other=0) != 0
+                 for j in range(top_k))
+
+    def next_missed(left):
+        first = jnp.min(jnp.where(left > 0, owned, owned_block))
+        t = program + first * programs
+        for j in range(top_k):
+            pl.when(coef_ref[t, j] != 0)(functools.partial(one_choice, t, j))
+        return jnp.where(owned == first, 0, left)
+
+    # Only the owned tokens with a miss, one after the other: a scalar check per owned token would wait on
+    # memory once per token.
+    jax.lax.while_loop(lambda left: jnp.max(left) > 0, next_missed, missed.astype(jnp.int32))
 
 
 def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, g_ref, dx_in_ref, dcoef_in_ref, dx_ref, dcoef_ref, *, top_k,

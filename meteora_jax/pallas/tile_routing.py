@@ -5,6 +5,9 @@ token gives each slot, in one kernel.
     lower index);  per_slot[t, u] = sum_j c[t, j] [idx[t, j] is slot u of t's tile];  missed[t, j] = c[t, j]
     where idx[t, j] is none of them, else 0
 
+and, for the miss kernels after it, the list of tokens with a miss that missed_add walks (missed_token_list),
+written here so that no launch of its own builds it.
+
 Why: in XLA this is a dozen small kernels (the votes' scatter-add, a top-k sort over [tiles, N], the slots'
 scatter and gather, a one-hot product, index building): ~15 us at 16384 tokens (bench/NOTES.md). Here one
 program per tile loads its tokens' choices once, counts each choice's votes by comparing the choices pairwise
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from meteora_jax.pallas.block_sizes import check_num_warps
+from meteora_jax.pallas.missed_add import missed_token_list
 from meteora_jax.pallas.routed_gemm import LANE
 
 
@@ -59,11 +64,21 @@ def slot_coefficients(coef, slot, slots: int):
     return jnp.einsum("TK,TKU->TU", coef, jax.nn.one_hot(slot, slots, dtype=coef.dtype))
 
 
-def route_tiles_reference(indices, weights, scaling, *, tile_tokens: int, slots: int):
-    """(adapters [tiles, U] int32, per_slot [T, U], missed [T, K]) in plain JAX, float32."""
+class TileRouting(NamedTuple):
+    adapters: jax.Array  # [tiles, U] int32
+    per_slot: jax.Array  # [T, U] float32
+    missed: jax.Array  # [T, K] float32
+    tile_misses: jax.Array  # [tiles] int32: missed_token_list's per_tile
+    missed_tokens: jax.Array  # [T] int32: its tokens
+
+
+def route_tiles_reference(indices, weights, scaling, *, tile_tokens: int, slots: int) -> TileRouting:
+    """The routing in plain JAX, float32."""
     per_choice = weights.astype(jnp.float32) * scaling.astype(jnp.float32)[indices]
     adapters, slot = tile_slots(indices, scaling.shape[0], tile_tokens, slots, counted=per_choice != 0)
-    return adapters, slot_coefficients(per_choice, slot, slots), jnp.where(slot < slots, 0, per_choice)
+    missed = jnp.where(slot < slots, 0, per_choice)
+    return TileRouting(adapters, slot_coefficients(per_choice, slot, slots), missed,
+                       *missed_token_list(missed, tile_tokens))
 
 
 # Voters compared with a tile's choices at a time: 16 took 11.6-11.8 us, 32 6.4-6.8, 64 8.9-9.4 and all 256 at
@@ -83,7 +98,7 @@ class TileRoutingBlockSizes:
 
 
 def _kernel(idx_ref, weight_ref, scaling_ref, idx_flat_ref, weight_flat_ref, adapters_ref, per_slot_ref, missed_ref,
-            *, tile_tokens, top_k, num_adapters, slots):
+            tile_misses_ref, missed_tokens_ref, *, tile_tokens, top_k, num_adapters, slots):
     tile = pl.program_id(0)
     block = jnp.arange(max(pl.next_power_of_2(tile_tokens), 16))  # Triton's blocks: powers of two
     inside = block < tile_tokens
@@ -121,12 +136,19 @@ def _kernel(idx_ref, weight_ref, scaling_ref, idx_flat_ref, weight_flat_ref, ada
         keys = [jnp.where(hit, -1, k) for hit, k in zip(hits, keys)]
     for column, c, h in zip(columns, coef, held):
         plt.store(missed_ref.at[rows, column], jnp.where(h, 0.0, c), mask=inside)
+    # The tile's tokens with a miss first, then the others, each part in order (missed_token_list).
+    missing = functools.reduce(jnp.logical_or, [~h & (c != 0) for h, c in zip(held, coef)]).astype(jnp.int32)
+    count = jnp.sum(missing)
+    tile_misses_ref[tile] = count
+    before = jnp.cumsum(missing) - missing
+    position = jnp.where(missing > 0, before, count + block - before)
+    plt.store(missed_tokens_ref.at[tile * tile_tokens + position], rows, mask=inside)
 
 
 def route_tiles(indices, weights, scaling, *, tile_tokens: int, slots: int,
                 blocks: TileRoutingBlockSizes = TileRoutingBlockSizes(), interpret: bool = False):
-    """route_tiles_reference's (adapters, per_slot, missed) from one kernel; T a multiple of tile_tokens, indices
-    in [0, N) for scaling [N]. Differentiable in weights and scaling (through the reference)."""
+    """route_tiles_reference's TileRouting from one kernel; T a multiple of tile_tokens, indices in [0, N) for
+    scaling [N]. Differentiable in weights and scaling (through the reference's per_slot and missed)."""
     blocks.check()
     t, k = indices.shape
     if weights.shape != (t, k) or scaling.ndim != 1 or t % tile_tokens:
@@ -147,10 +169,11 @@ def _forward(indices, weights, scaling, tile_tokens, slots, blocks, interpret):
 
 def _backward(tile_tokens, slots, blocks, interpret, residuals, cotangents):
     indices, weights, scaling = residuals
-    _, dper_slot, dmissed = cotangents
+    dper_slot, dmissed = cotangents.per_slot, cotangents.missed
 
     def coefficients(weights, scaling):
-        return route_tiles_reference(indices, weights, scaling, tile_tokens=tile_tokens, slots=slots)[1:]
+        routing = route_tiles_reference(indices, weights, scaling, tile_tokens=tile_tokens, slots=slots)
+        return routing.per_slot, routing.missed
 
     _, vjp = jax.vjp(coefficients, weights, scaling)
     return (None, *vjp((dper_slot, dmissed)))
@@ -164,12 +187,13 @@ def _call(indices, weights, scaling, tile_tokens, slots, blocks, interpret):
     t, k = indices.shape
     tiles = t // tile_tokens
     kernel = functools.partial(_kernel, tile_tokens=tile_tokens, top_k=k, num_adapters=scaling.shape[0], slots=slots)
-    return pl.pallas_call(
+    return TileRouting(*pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((tiles, slots), jnp.int32), jax.ShapeDtypeStruct((t, slots), jnp.float32),
-                   jax.ShapeDtypeStruct((t, k), jnp.float32)),
+                   jax.ShapeDtypeStruct((t, k), jnp.float32), jax.ShapeDtypeStruct((tiles,), jnp.int32),
+                   jax.ShapeDtypeStruct((t,), jnp.int32)),
         grid=(tiles,),
         compiler_params=plt.CompilerParams(num_warps=blocks.num_warps),
         interpret=interpret,
         name="meteora_route_tiles",
-    )(indices, weights, scaling, indices.reshape(-1), weights.reshape(-1))
+    )(indices, weights, scaling, indices.reshape(-1), weights.reshape(-1)))
