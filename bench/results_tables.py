@@ -603,6 +603,9 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_fused_runs48.json")],
                            "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
                            "tile's slots), bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_session13.json")],
+                           "MeteoRA layer, the strategies issue 4's prefill targets compare after session 13, in one "
+                           "run, routing in runs of 96 tokens, bfloat16 gates", "chained")
     lines += layer_section([load("meteora_layer_miss_list.json")],
                            "MeteoRA layer with `fused`'s miss kernels walking the routing kernel's list of missed "
                            "tokens and its shrink's product transposed (session 13), N = 256, routing in runs of 96 "
