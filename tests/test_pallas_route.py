@@ -113,6 +113,21 @@ def test_tile_routing_matches_reference_interpreted(n, slots, tile):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_tile_routing_padding_rows_take_nothing_from_an_infinite_scaling():
+    # Tiles of 12 tokens: each program's block of 16 rows runs past its tile. Adapter 0, which no token chooses,
+    # scales by inf: a padding row's 0 x inf is NaN, which must not vote or count as a miss.
+    t = 24
+    indices = jnp.stack([jnp.full(t, 5), 1 + jnp.arange(t) % 4], axis=1).astype(jnp.int32)
+    weights = jnp.full((t, 2), 0.5, jnp.float32)
+    scaling = jnp.ones(8, jnp.float32).at[0].set(jnp.inf)
+    ours = route_tiles(indices, weights, scaling, tile_tokens=12, slots=1, blocks=TileRoutingBlockSizes(num_warps=4),
+                       interpret=not ON_GPU)
+    ref = route_tiles_reference(indices, weights, scaling, tile_tokens=12, slots=1)
+    for field, got, want in zip(ref._fields, ours, ref):
+        np.testing.assert_array_equal(got, want, err_msg=field)
+    np.testing.assert_array_equal(ref.tile_misses, [12, 12])
+
+
 def test_tile_routing_names_bad_shapes():
     indices, weights, scaling = jnp.zeros((100, 2), jnp.int32), jnp.zeros((100, 2)), jnp.ones(4)
     with pytest.raises(ValueError, match="the tokens tile by 64"):

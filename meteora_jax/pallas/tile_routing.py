@@ -105,8 +105,9 @@ def _kernel(idx_ref, weight_ref, scaling_ref, idx_flat_ref, weight_flat_ref, ada
     rows = tile * tile_tokens + block
     columns = [jnp.full_like(rows, j) for j in range(top_k)]
     adapter = [plt.load(idx_ref.at[rows, column], mask=inside, other=0) for column in columns]
-    coef = [plt.load(weight_ref.at[rows, column], mask=inside, other=0) * plt.load(scaling_ref.at[a])
-            for column, a in zip(columns, adapter)]  # rows past the tile: no coefficient, no vote
+    # Rows past the tile: no coefficient, no vote, no miss (0 x an infinite scaling would be NaN, which counts).
+    coef = [jnp.where(inside, plt.load(weight_ref.at[rows, column], mask=inside, other=0) * plt.load(scaling_ref.at[a]),
+                      0.0) for column, a in zip(columns, adapter)]
     # Each choice's votes: how many counted choices of the tile name its adapter (pairwise, not over N), against the
     # tile's choices as one flat vector (row-major [T, K]), -1 where a choice takes no vote, VOTER_CHUNK voters at a
     # time: one [rows, rows K] comparison per column took 8.4-9.0 us, in chunks 6.4-6.8 (bench/NOTES.md).
@@ -116,9 +117,10 @@ def _kernel(idx_ref, weight_ref, scaling_ref, idx_flat_ref, weight_flat_ref, ada
     for start in range(0, flat_size, chunk):
         flat = start + jnp.arange(chunk)
         position = tile * tile_tokens * top_k + flat
-        choice = plt.load(idx_flat_ref.at[position], mask=flat < tile_tokens * top_k, other=0)
-        weight = plt.load(weight_flat_ref.at[position], mask=flat < tile_tokens * top_k, other=0)
-        voters = jnp.where(weight * plt.load(scaling_ref.at[choice]) != 0, choice, -1)[None, :]
+        voting = flat < tile_tokens * top_k
+        choice = plt.load(idx_flat_ref.at[position], mask=voting, other=0)
+        weight = plt.load(weight_flat_ref.at[position], mask=voting, other=0)
+        voters = jnp.where(voting & (weight * plt.load(scaling_ref.at[choice]) != 0), choice, -1)[None, :]
         counts = [c + jnp.sum((a[:, None] == voters).astype(jnp.int32), axis=1) for c, a in zip(counts, adapter)]
     # The key orders adapters by votes, then by lower index: the ties of lax.top_k over the counts.
     lanes = pl.next_power_of_2(num_adapters)
