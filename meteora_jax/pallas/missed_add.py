@@ -118,6 +118,7 @@ def walk_listed_choices(per_tile_ref, tokens_ref, coef_ref, one_choice, *, progr
     tile = jnp.arange(lanes)
     counts = plt.load(per_tile_ref.at[tile], mask=tile < tiles, other=0)
     ends = jnp.cumsum(counts)
+    total = jnp.sum(counts)
 
     def next_entry(entry):
         owner = jnp.sum((ends <= entry).astype(jnp.int32))
@@ -127,7 +128,7 @@ def walk_listed_choices(per_tile_ref, tokens_ref, coef_ref, one_choice, *, progr
             pl.when(coef_ref[t, j] != 0)(functools.partial(one_choice, t, j))
         return entry + programs
 
-    jax.lax.while_loop(lambda entry: entry < jnp.sum(counts), next_entry, pl.program_id(0))
+    jax.lax.while_loop(lambda entry: entry < total, next_entry, pl.program_id(0))
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))

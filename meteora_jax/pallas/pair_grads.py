@@ -1,13 +1,13 @@
 """Gradients of y += c (x A) B over the (token, choice) pairs of nonzero c, per token: the `fused` strategy's
 misses (meteora_jax/pallas/missed_add.py), a fraction of a percent of the pairs under trained gates.
 
-dx = c (g B^T) A^T and dc = (x A) . (g B^T) come from one kernel whose program p owns tokens p, p + P, ... (a program
-none of whose tokens missed returns at once; missed_add's forward walks a list of the missed tokens instead, which
-only the routing kernel writes). No loop in XLA: a while loop over the
-pairs, or a conditional, would wait on the host for its predicate in every layer's backward (through SmolLM2's
-`fused` projections such loops took a gate step from 88 to 109 ms). Over every pair it is no substitute for
-XLA's per-pair products, which fuse the adapters' gathers: 2.3-2.9x their time at 16384 tokens of 4096 features
-(bench/NOTES.md). The adapters' gradients, wanted only when the adapters train, come from a loop over the pairs.
+dx = c (g B^T) A^T and dc = (x A) . (g B^T) come from one kernel whose program p owns tokens p, p + P, ... (a
+program none of whose tokens missed returns at once; missed_add's forward walks a list of the missed tokens
+instead, which only the routing kernel writes). No loop in XLA: a while loop over the pairs, or a conditional,
+would wait on the host for its predicate in every layer's backward (through SmolLM2's `fused` projections such
+loops took a gate step from 88 to 109 ms). Over every pair it is no substitute for XLA's per-pair products, which
+fuse the adapters' gathers: 2.3-2.9x their time at 16384 tokens of 4096 features (bench/NOTES.md). The adapters'
+gradients, wanted only when the adapters train, come from a loop over the pairs.
 """
 
 from __future__ import annotations
