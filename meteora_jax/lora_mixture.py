@@ -12,6 +12,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from meteora_jax.gate_logits import (
+    compute_gate_logits,
+    gate_input_splits,
+    gate_logit_shares,
+    gate_operand,
+    split_in_two,
+    summed_shares,
+)
+
 STRATEGIES = ("loop", "bmm", "dense", "grouped", "pallas", "fused", "auto")
 # `fused` computes the base linear too (meteora_jax/pallas/fused_linear.py), so it needs the base weight.
 MIXTURE_STRATEGIES = tuple(s for s in STRATEGIES if s != "fused")
@@ -43,8 +52,10 @@ PALLAS_PREFILL_MIN_TOKENS = 8192
 # to FUSED_MAX_RANK; meteora_jax/pallas/routed_gemm.py): FUSED_TILE_TOKENS tokens per tile share its adapter slots.
 FUSED_MIN_TOKENS = 4096
 FUSED_INPUT_MULTIPLE, FUSED_OUTPUT_MULTIPLE, FUSED_MAX_RANK, FUSED_TILE_TOKENS = 64, 256, 64, 128
-# The gate matmul pads fewer tokens to this many rows (see compute_gate_logits).
-GATE_MIN_ROWS = 8
+# Up to this many tokens the Pallas strategies' gate matmul is a Pallas kernel (meteora_jax/pallas/gate_shares.py):
+# for XLA's, cuBLAS takes a workspace of up to 32 MiB, 4x a LoRA's temporaries at 1024 tokens and N = 1024, for
+# 1 us less (bench/NOTES.md); from 4096 tokens a LoRA's own matmul takes such a workspace.
+PALLAS_GATE_MAX_TOKENS = 2048
 
 
 def route(gate_logits: jax.Array, top_k: int, temperature) -> tuple[jax.Array, jax.Array]:
@@ -163,12 +174,6 @@ def _routed_shrink(x, gate, lora_a, scaling, top_k: int, temperature):
     return _scale_by_routing(h, scaling.astype(jnp.float32), indices, weights, x.dtype), logits, indices
 
 
-def gate_operand(gate):
-    """The gate as the gate matmuls and kernels take it: a bfloat16 gate (for inference, see
-    meteora_checkpoint.cast_gates) as it is, any other in float32, which they split into bfloat16 parts."""
-    return gate if gate.dtype == jnp.bfloat16 else gate.astype(jnp.float32)
-
-
 @jax.custom_vjp
 def _fold_gate_into_shrink(x, gate, lora_a):
     """(every adapter's x A [M, N, R], gate logits [M, N]), both float32, from one bfloat16 matmul of x with
@@ -200,39 +205,6 @@ def _fold_backward(residuals, cotangents):
 _fold_gate_into_shrink.defvjp(_fold_forward, _fold_backward)
 
 
-def split_in_two(value):
-    """(hi, lo) in bfloat16 with hi + lo = float32 `value` to ~16 mantissa bits (bfloat16 shares float32's
-    exponent range, so lo never underflows where float16's would).
-
-    hi keeps value's top 16 bits by masking the rest (exact in bfloat16) instead of a float32 -> bfloat16
-    -> float32 cast pair: XLA on GPU, which allows excess precision by default, folds such a pair back to
-    the original value, and lo would come out zero (gate logits with bfloat16 weights)."""
-    bits = jax.lax.bitcast_convert_type(value.astype(jnp.float32), jnp.uint32)
-    top = jax.lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), jnp.float32)
-    return top.astype(jnp.bfloat16), (value - top).astype(jnp.bfloat16)
-
-
-def compute_gate_logits(x, gate) -> jax.Array:
-    """x @ gate [M, N] in float32: float32-accurate for a float32 gate, the bfloat16 product for a bfloat16 one
-    (meteora_checkpoint.cast_gates). For bfloat16 x see `_split_gate_logits`. Below GATE_MIN_ROWS tokens XLA lowers the
-    dot to a multiply and a reduction that cost 2-3x a matrix product on an H100 (bench/NOTES.md); zero rows
-    keep it a product."""
-    m = x.shape[0]
-    if m < GATE_MIN_ROWS:
-        x = jnp.concatenate([x, jnp.zeros((GATE_MIN_ROWS - m, x.shape[1]), x.dtype)])
-    if x.dtype == jnp.bfloat16:
-        return _split_gate_logits(x, gate_operand(gate))[:m]
-    return jnp.dot(x.astype(jnp.float32), gate.astype(jnp.float32))[:m]
-
-
-def _split_gate_logits(x, gate):
-    """x (bfloat16) @ gate: `_fold_gate_into_shrink` with no adapters' A to fold (rank 0), so a float32 gate
-    rides as two bfloat16 parts in one tensor-core matmul with float32 accumulation: no float32 copy of x, a
-    fraction of a float32 matmul's time at large N (bench/NOTES.md), and float32 gradients."""
-    no_adapters = jnp.zeros((gate.shape[1], x.shape[1], 0), x.dtype)
-    return _fold_gate_into_shrink(x, gate, no_adapters)[1]
-
-
 def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, strategy: str, base_kernel=None):
     """The layer with its own gate routing: (y + delta in y's dtype, gate logits [M, N] float32, indices [M, K]).
 
@@ -259,8 +231,7 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
         return y, logits, indices
     if strategy == "pallas" and lora_a.shape[0] * lora_a.shape[-1] <= DENSE_MAX_TOTAL_RANK:
         return _pallas_dense_expand(x, y, gate, lora_a, lora_b, scaling, top_k, temperature)
-    logits = compute_gate_logits(x, gate)
-    indices, weights = _route_for(strategy, logits, top_k, temperature)
+    logits, indices, weights = _gate_and_route(strategy, x, gate, top_k, temperature)
     if strategy == "fused":
         return fused_output(x, base_kernel, lora_a, lora_b, scaling, indices, weights), logits, indices
     if strategy == "pallas":
@@ -271,14 +242,33 @@ def gated_output(x, y, gate, lora_a, lora_b, scaling, top_k: int, temperature, s
     return y + delta.astype(y.dtype), logits, indices
 
 
-def _route_for(strategy: str, logits, top_k: int, temperature):
-    """The Pallas strategies route by one kernel reading the logits once (meteora_jax/pallas/route_tokens.py), the
-    XLA ones, and a temperature given as an array (the kernel compiles it in), by `route`."""
+def _gate_and_route(strategy: str, x, gate, top_k: int, temperature):
+    """(logits, indices, weights). The Pallas strategies route by one kernel reading the logits once
+    (meteora_jax/pallas/route_tokens.py) as shares of the gate matmul, which it adds (gate_logits.py), up to
+    PALLAS_GATE_MAX_TOKENS tokens from the Pallas gate kernel; the XLA ones, and a temperature given as an array
+    (the kernel compiles it in), by `route`."""
     if strategy not in ("fused", "pallas") or top_k > ARGMAX_TOP_K or isinstance(temperature, jax.Array):
-        return route(logits, top_k, temperature)
-    from meteora_jax.pallas.route_tokens import route_tokens  # Pallas imports stay off the default path
+        logits = compute_gate_logits(x, gate)
+        return (logits, *route(logits, top_k, temperature))
+    from meteora_jax.pallas.gate_shares import (  # Pallas imports stay off the default path
+        GateSharesBlockSizes,
+        gate_shares_matmul,
+        input_split_count,
+    )
+    from meteora_jax.pallas.route_tokens import route_tokens
 
-    return route_tokens(logits, top_k, temperature, interpret=jax.default_backend() != "gpu")
+    interpret = jax.default_backend() != "gpu"
+    m, i = x.shape
+    blocks = GateSharesBlockSizes()
+    if x.dtype == jnp.bfloat16 and m <= PALLAS_GATE_MAX_TOKENS and i % blocks.block_in == 0:
+        columns = gate.shape[1] * (1 if gate.dtype == jnp.bfloat16 else 2)
+        splits = input_split_count(m, columns, i, blocks)
+        matmul = functools.partial(gate_shares_matmul, blocks=blocks, interpret=interpret)
+    else:
+        splits, matmul = gate_input_splits(m, gate.shape[1], i), None
+    shares = gate_logit_shares(x, gate, splits, matmul)
+    indices, weights = route_tokens(shares, top_k, temperature, interpret=interpret)
+    return summed_shares(shares), indices, weights
 
 
 def fused_output(x, base_kernel, lora_a, lora_b, scaling, indices, weights):

@@ -16,10 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from meteora_jax.gate_logits import compute_gate_logits
 from meteora_jax.layers import PROJECTIONS, Linear, weight_init
 from meteora_jax.lora_mixture import (
     STRATEGIES,
-    compute_gate_logits,
     fused_output,
     gated_output,
     lora_mixture,

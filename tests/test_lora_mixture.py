@@ -120,7 +120,7 @@ def test_dense_with_gate_matches_float32_gate_and_dense():
 
 @pytest.mark.parametrize("m", [3, 40])
 def test_16_bit_gate_logits_and_their_gradients_match_float32(m):
-    from meteora_jax.lora_mixture import compute_gate_logits
+    from meteora_jax.gate_logits import compute_gate_logits
 
     rng = np.random.default_rng(m)
     x = jnp.asarray(rng.standard_normal((m, 64)), jnp.bfloat16)
@@ -139,7 +139,7 @@ def test_16_bit_gate_logits_and_their_gradients_match_float32(m):
 
 
 def test_split_in_two_keeps_16_mantissa_bits():
-    from meteora_jax.lora_mixture import split_in_two
+    from meteora_jax.gate_logits import split_in_two
 
     value = jnp.asarray(np.random.default_rng(0).standard_normal(1000) * 0.05, jnp.float32)
     hi, lo = split_in_two(value)
@@ -152,7 +152,8 @@ def test_split_in_two_keeps_16_mantissa_bits():
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="checks XLA's GPU compilation of the split")
 def test_16_bit_gate_logits_stay_float32_accurate_when_compiled_for_the_gpu():
-    from meteora_jax.lora_mixture import compute_gate_logits, dense_with_gate
+    from meteora_jax.gate_logits import compute_gate_logits
+    from meteora_jax.lora_mixture import dense_with_gate
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((256, 4096)), jnp.bfloat16)
@@ -192,7 +193,8 @@ def test_bfloat16_gate_routes_on_its_own_product_in_every_strategy(strategy):
 
 
 def test_bfloat16_gate_rides_as_one_matmul_part_and_has_a_gradient():
-    from meteora_jax.lora_mixture import compute_gate_logits, dense_with_gate
+    from meteora_jax.gate_logits import compute_gate_logits
+    from meteora_jax.lora_mixture import dense_with_gate
 
     x, _, gate, a, b, scaling = gated_problem(seed=12)
     n = gate.shape[1]

@@ -2,6 +2,7 @@
 Triton and Mosaic GPU lowerings, which reject operations the interpreter accepts. jax lowers for a platform this
 machine lacks; compiling the lowered kernels to GPU code still needs the GPU (the `gpu` tests)."""
 
+import functools
 import importlib
 import re
 
@@ -11,9 +12,11 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from meteora_jax.gate_logits import gate_logit_shares
 from meteora_jax.pallas.decode_layer import decode_layer
 from meteora_jax.pallas.dense_expand import dense_expand_add
 from meteora_jax.pallas.fused_linear import fused_linear
+from meteora_jax.pallas.gate_shares import gate_shares_matmul
 from meteora_jax.pallas.mixture import mixture_pallas
 from meteora_jax.pallas.route_tokens import route_tokens
 from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink
@@ -80,6 +83,10 @@ CASES = {
          "meteora_pair_grads"}),
     "routing of many tokens": (lambda logits: route_tokens(logits, 2, 1.0), (spec((64, N), jnp.float32),),
                                {"meteora_route_tokens"}),
+    "gate shares (a float32 gate in two parts, two input slices) and their routing": (
+        lambda x, gate: route_tokens(gate_logit_shares(x, gate, 2, functools.partial(gate_shares_matmul,
+                                                                                     interpret=False)), 2, 1.0),
+        (spec((64, IN)), spec((IN, N), jnp.float32)), {"meteora_gate_shares", "meteora_route_tokens"}),
     "tile shrink at rank 12 (padded lanes)": (
         lambda x, a, adapters, coef: tile_shrink(x, a, adapters, coef, tile_tokens=256),
         (spec((256, IN)), spec((N, IN, 12)), spec((1, 5), jnp.int32), spec((256, 5), jnp.float32)),

@@ -1,6 +1,8 @@
 """Routing kernels against their XLA forms: top-k routing of many tokens (meteora_jax/pallas/route_tokens.py) and
 the `fused` strategy's tile slots (tile_routing.py); interpreted on CPU, full size on a GPU."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,14 +61,35 @@ def test_gradient_matches_route():
     assert int(jnp.sum(ours != 0)) <= 2 * 40  # only the chosen logits get a gradient
 
 
+@pytest.mark.parametrize("shares", [1, 2, 3])
+def test_shares_route_as_their_sum(shares):
+    """Shares [T, S, N] of a split gate matmul route as their sum, and each takes the logits' gradient."""
+    rng = np.random.default_rng(shares)
+    parts = jnp.asarray(rng.standard_normal((37, shares, 20)), jnp.float32)
+    blocks = RouteBlockSizes(block_tokens=16, num_warps=4)
+    indices, weights = route_tokens(parts, 2, 0.7, blocks=blocks, interpret=not ON_GPU)
+    summed = functools.reduce(jnp.add, [parts[:, s] for s in range(shares)])
+    ref_indices, ref_weights = route_tokens_reference(summed, 2, 0.7)
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-6, atol=1e-7)
+    cotangent = jnp.asarray(rng.standard_normal((37, 2)), jnp.float32)
+    grads = jax.grad(lambda v: jnp.sum(route_tokens(v, 2, 0.7, blocks=blocks, interpret=not ON_GPU)[1] * cotangent))(
+        parts)
+    ref = jax.grad(lambda v: jnp.sum(route_tokens_reference(v, 2, 0.7)[1] * cotangent))(summed)
+    for s in range(shares):
+        np.testing.assert_allclose(grads[:, s], ref, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_arguments_name_the_culprit():
     logits = jnp.zeros((8, 3), jnp.float32)
     with pytest.raises(ValueError, match=r"top_k=4 must be between 1 and the number of adapters \(3\)"):
         route_tokens(logits, 4, 1.0, interpret=True)
     with pytest.raises(ValueError, match="pass a Python number"):
         route_tokens(logits, 2, jnp.float32(1.0), interpret=True)
-    with pytest.raises(ValueError, match=r"logits \(2, 8, 3\) must be \[tokens, adapters\]"):
-        route_tokens(logits[None].repeat(2, 0), 2, 1.0, interpret=True)
+    with pytest.raises(ValueError, match=r"logits \(1, 8, 3, 1\) must be \[tokens, adapters\] or shares"):
+        route_tokens(logits[None, ..., None], 2, 1.0, interpret=True)
+    with pytest.raises(ValueError, match=r"logits \(8, 0, 3\) must be"):
+        route_tokens(jnp.zeros((8, 0, 3)), 2, 1.0, interpret=True)
     with pytest.raises(ValueError, match="block_tokens=12 must be a power of two"):
         route_tokens(logits, 2, 1.0, blocks=RouteBlockSizes(block_tokens=12), interpret=True)
 

@@ -28,13 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from meteora_jax.lora_mixture import (
-    PALLAS_DECODE_MAX_ADAPTERS,
-    PALLAS_DECODE_MAX_TOKENS,
-    PALLAS_MAX_RANK,
-    gate_operand,
-    route,
-)
+from meteora_jax.gate_logits import gate_operand
+from meteora_jax.lora_mixture import PALLAS_DECODE_MAX_ADAPTERS, PALLAS_DECODE_MAX_TOKENS, PALLAS_MAX_RANK, route
 from meteora_jax.pallas.block_sizes import check_num_warps, check_powers_of_two
 from meteora_jax.pallas.lora_gather import lora_gather_reference
 from meteora_jax.pallas.route_tokens import top_k_rounds

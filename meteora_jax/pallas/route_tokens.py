@@ -18,13 +18,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from meteora_jax.gate_logits import summed_shares
 from meteora_jax.lora_mixture import route
 from meteora_jax.pallas.block_sizes import check_num_warps, check_powers_of_two
 
 
 def route_tokens_reference(logits, top_k: int, temperature):
-    """XLA's routing (lora_mixture.route), which the kernel reproduces."""
-    return route(logits, top_k, temperature)
+    """XLA's routing (lora_mixture.route), which the kernel reproduces; shares [T, S, N] summed first."""
+    return route(logits if logits.ndim == 2 else summed_shares(logits), top_k, temperature)
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +64,17 @@ def top_k_rounds(candidates, lanes, top_k: int, temperature: float):
     return chosen, [e / total for e in exps]
 
 
-def _kernel(logits_ref, idx_ref, weight_ref, *, tokens, num_adapters, top_k, temperature, blocks: RouteBlockSizes):
+def _kernel(logits_ref, idx_ref, weight_ref, *, tokens, num_adapters, shares, top_k, temperature,
+            blocks: RouteBlockSizes):
     first = pl.program_id(0) * blocks.block_tokens
     rows = first + jnp.arange(blocks.block_tokens)
     lanes = jnp.arange(pl.next_power_of_2(num_adapters))
     inside = rows < tokens
-    candidates = plt.load(logits_ref.at[pl.ds(first, blocks.block_tokens), pl.ds(0, lanes.shape[0])],
-                          mask=inside[:, None] & (lanes[None, :] < num_adapters), other=-jnp.inf)
+    mask = inside[:, None] & (lanes[None, :] < num_adapters)
+    # The shares (row-major [S, N] per token) added in order, as gate_logits.summed_shares adds them.
+    candidates = functools.reduce(jnp.add, [
+        plt.load(logits_ref.at[rows[:, None], share * num_adapters + lanes[None, :]], mask=mask, other=-jnp.inf)
+        for share in range(shares)])
     chosen, weights = top_k_rounds(candidates, lanes, top_k, temperature)
     for j in range(top_k):
         column = jnp.full_like(rows, j)
@@ -78,18 +84,21 @@ def _kernel(logits_ref, idx_ref, weight_ref, *, tokens, num_adapters, top_k, tem
 
 def route_tokens(logits, top_k: int, temperature: float, *, blocks: RouteBlockSizes = RouteBlockSizes(),
                  interpret: bool = False):
-    """(indices [T, K] int32, weights [T, K] float32) as `route` gives them, from float32 logits [T, N];
-    differentiable in the logits: each chosen value's gradient goes to its own logit (lax.top_k's rule; `route`'s
-    max splits it among tied logits). temperature: a Python number (it is compiled into the kernel)."""
+    """(indices [T, K] int32, weights [T, K] float32) as `route` gives them, from float32 logits [T, N], or from
+    shares [T, S, N] whose sum over S is the logits (a gate matmul split over its inputs, whose partial products
+    this kernel adds as it reads them, in place of a reduction kernel; summed_shares); differentiable in them:
+    each chosen value's gradient goes to its own logit (lax.top_k's rule; `route`'s max splits it among tied
+    logits), and to each of its shares. temperature: a Python number (it is compiled into the kernel)."""
     blocks.check()
-    if logits.ndim != 2:
-        raise ValueError(f"logits {logits.shape} must be [tokens, adapters]")
-    n = logits.shape[1]
+    if logits.ndim not in (2, 3) or 0 in logits.shape[1:]:
+        raise ValueError(f"logits {logits.shape} must be [tokens, adapters] or shares [tokens, shares, adapters]")
+    n = logits.shape[-1]
     if not 1 <= top_k <= n:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of adapters ({n})")
     if isinstance(temperature, jax.Array):
         raise ValueError("route_tokens compiles the temperature into its kernel: pass a Python number, not an array")
-    return _differentiable(logits.astype(jnp.float32), top_k, float(temperature), blocks, interpret)
+    shares = logits.reshape(logits.shape[0], -1, n).astype(jnp.float32)
+    return _differentiable(shares, top_k, float(temperature), blocks, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
@@ -99,17 +108,18 @@ def _differentiable(logits, top_k, temperature, blocks, interpret):
 
 def _forward(logits, top_k, temperature, blocks, interpret):
     indices, weights = _call(logits, top_k, temperature, blocks, interpret)
-    return (indices, weights), (indices, weights, logits.shape[1])
+    return (indices, weights), (indices, weights, logits.shape)
 
 
 def _backward(top_k, temperature, blocks, interpret, residuals, cotangents):
-    """The softmax's gradient at the chosen logits, zero at the others."""
-    indices, weights, n = residuals
+    """The softmax's gradient at the chosen logits, zero at the others, the same for every share."""
+    indices, weights, shape = residuals
     _, g = cotangents
     dvalues = weights * (g - jnp.sum(g * weights, axis=-1, keepdims=True)) / temperature
     # One elementwise pass over [T, N]: a product with one-hot rows would be a batched matmul over [T, K, N].
-    chosen = jnp.arange(n) == indices[..., None]
-    return (jnp.sum(jnp.where(chosen, dvalues[..., None], 0.0), axis=1),)
+    chosen = jnp.arange(shape[-1]) == indices[..., None]
+    dlogits = jnp.sum(jnp.where(chosen, dvalues[..., None], 0.0), axis=1)
+    return (jnp.broadcast_to(dlogits[:, None], shape),)
 
 
 _differentiable.defvjp(_forward, _backward)
@@ -117,9 +127,9 @@ _differentiable.defvjp(_forward, _backward)
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def _call(logits, top_k, temperature, blocks, interpret):
-    t, n = logits.shape
-    kernel = functools.partial(_kernel, tokens=t, num_adapters=n, top_k=top_k, temperature=temperature,
-                               blocks=blocks)
+    t, shares, n = logits.shape
+    kernel = functools.partial(_kernel, tokens=t, num_adapters=n, shares=shares, top_k=top_k,
+                               temperature=temperature, blocks=blocks)
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((t, top_k), jnp.int32), jax.ShapeDtypeStruct((t, top_k), jnp.float32)),
@@ -127,4 +137,4 @@ def _call(logits, top_k, temperature, blocks, interpret):
         compiler_params=plt.CompilerParams(num_warps=blocks.num_warps),
         interpret=interpret,
         name="meteora_route_tokens",
-    )(logits)
+    )(logits.reshape(t, shares * n))
