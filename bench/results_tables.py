@@ -583,6 +583,21 @@ def gate_prefill_section(run: dict) -> list[str]:
     return lines + [""]
 
 
+def gate_routing_section(run: dict) -> list[str]:
+    lines = [
+        "## Prefill gate and routing forms (`gate_routing_forms.py`)\n",
+        f"Date {run['date'][:10]}; {run['device']}; jax {run['versions']['jax']}. x [T, {run['in_features']}] @ a "
+        "bfloat16 gate, routed top-2 by the routing kernel; every kernel's time per call, the compiled temporaries "
+        "(with XLA's cuBLAS workspace), and the share of tokens choosing as the first form does.\n",
+        "| T | N | form | kernels us | temp MiB | same choices |",
+        "|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in run["results"]:
+        lines.append(f"| {r['tokens']} | {r['adapters']} | {r['form']} | {r['kernel_us']:.1f} | "
+                     f"{r['temp_bytes'] / 2**20:.1f} | {r['same_choices']:.4f} |")
+    return lines + [""]
+
+
 def render() -> str:
     """RESULTS.md's text, from the committed JSON."""
     lines = ["# Benchmark results\n",
@@ -603,6 +618,23 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_fused_runs48.json")],
                            "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
                            "tile's slots), bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_session14.json")],
+                           "MeteoRA layer, `fused` against bmm after session 14 (the gate's shares added by the "
+                           "routing kernel), in one run, routing in runs of 96 tokens, bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_gate_shares.json")],
+                           "MeteoRA layer with `fused`, the gate matmul in input slices whose shares the routing "
+                           "kernel adds (session 14), routing in runs of 96 tokens, bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_before_shares.json")],
+                           "The same run, the code before the gate's shares (session 13's), N = 256", "chained")
+    lines += layer_section([load("meteora_layer_pallas_gate_t1024.json")],
+                           "MeteoRA layer at 1024 tokens with the Pallas gate kernel (no cuBLAS workspace), routing in "
+                           "runs of 96 tokens, bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_gate_shares_t1024.json")],
+                           "MeteoRA layer at 1024 tokens, N = 1024, before the Pallas gate kernel (XLA's gate matmul "
+                           "with its cuBLAS workspace)", "chained")
+    lines += gate_routing_section(load("gate_routing_forms.json"))
+    lines += shrink_sweep_section(load("tile_shrink_tuning_transposed_product.json"), "splits",
+                                  "tokens per block and splits, with its product transposed (session 14)")
     lines += layer_section([load("meteora_layer_session13.json")],
                            "MeteoRA layer, the strategies issue 4's prefill targets compare after session 13, in one "
                            "run, routing in runs of 96 tokens, bfloat16 gates", "chained")

@@ -34,18 +34,19 @@ from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes  # noqa: E402
 from meteora_jax.pallas.tile_routing import slot_coefficients, slot_count, tile_slots  # noqa: E402
 from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink, tile_shrink_reference  # noqa: E402
 
-CASES = (Case(4096, 4096, 256, 16384), Case(4096, 4096, 256, 4096), Case(4096, 4096, 1024, 4096))
+# At 16384 tokens one split of 128-token blocks already gives ~128 programs; the open question is 4096 tokens.
+CASES = (Case(4096, 4096, 256, 4096), Case(4096, 4096, 1024, 4096))
 TILE_TOKENS = RoutedGemmBlockSizes().tile_tokens
 
 
 def block_grid():
-    # The first sweep with A gathered in 16-byte pieces (results/tile_shrink_tuning_gathered.json) chose 128-token
-    # blocks over 64, and one split lost there (76 against 68 us at 16384 tokens, 2 loads in flight); here: more
-    # loads in flight, with which one split (no sum by XLA) may pay.
-    yield TileShrinkBlockSizes(block_tokens=64, block_in=128, num_warps=4, num_stages=3, splits=4)  # session 10's tiles
-    for block_in, warps, splits, stages in itertools.product((64, 128), (4, 8), (1, 2, 4), (2, 3, 4)):
-        yield TileShrinkBlockSizes(block_tokens=128, block_in=block_in, num_warps=warps, splits=splits,
-                                   num_stages=stages)
+    # Since the product is transposed (h^T = A^T x^T, session 13), each program waits on one chain of wgmmas whose
+    # width is its tokens: smaller blocks or more splits put more chains on each multiprocessor, fewer splits
+    # leave XLA less of a sum. Session 11's sweeps (128 x 128 blocks, 4 warps, 3 stages, 4 splits at 4096 tokens)
+    # ran the untransposed product.
+    for block_tokens, splits, warps in itertools.product((32, 64, 128), (1, 2, 4, 8), (4, 8)):
+        yield TileShrinkBlockSizes(block_tokens=block_tokens, block_in=128, num_warps=warps, splits=splits,
+                                   num_stages=3)
 
 
 def main() -> None:
