@@ -42,6 +42,11 @@ def split_in_two(value):
     return top.astype(jnp.bfloat16), (value - top).astype(jnp.bfloat16)
 
 
+def gate_columns(gate) -> int:
+    """Columns of the gate's bfloat16 parts side by side: N for a bfloat16 gate, 2N (hi and lo) for another."""
+    return gate.shape[1] * (1 if gate.dtype == jnp.bfloat16 else 2)
+
+
 def summed_shares(shares):
     """The logits [M, N] from their shares [M, S, N], added in order (as the routing kernel adds them)."""
     return functools.reduce(jnp.add, [shares[:, s] for s in range(shares.shape[1])])
@@ -60,9 +65,11 @@ def gate_logit_shares(x, gate, input_splits: int = 1, matmul=None) -> jax.Array:
     xla_shares_matmul; meteora_jax/pallas/gate_shares.py's kernel needs no cuBLAS workspace). Below
     GATE_MIN_ROWS tokens XLA lowers the dot to a multiply and a reduction that cost 2-3x a matrix product on an
     H100 (bench/NOTES.md); zero rows keep it a product."""
+    if x.ndim != 2 or gate.ndim != 2 or gate.shape[0] != x.shape[1]:
+        raise ValueError(f"x {x.shape} must be [tokens, inputs] and the gate {gate.shape} [inputs, adapters]")
     m, i = x.shape
-    if i % input_splits:
-        raise ValueError(f"input_splits={input_splits} must divide the {i} input features")
+    if input_splits < 1 or i % input_splits:
+        raise ValueError(f"input_splits={input_splits} must be >= 1 and divide the {i} input features")
     if m < GATE_MIN_ROWS:
         x = jnp.concatenate([x, jnp.zeros((GATE_MIN_ROWS - m, i), x.dtype)])
     if x.dtype != jnp.bfloat16:
@@ -84,15 +91,16 @@ def xla_shares_matmul(x, weights, input_splits: int):
                       preferred_element_type=jnp.float32)
 
 
-def gate_input_splits(tokens: int, num_adapters: int, in_features: int) -> int:
+def gate_input_splits(tokens: int, columns: int, in_features: int) -> int:
     """Slices of the inputs for the prefill gate matmul whose shares the routing kernel adds: enough that
-    cuBLAS's 128 x 128 output tiles times the slices make about SPLIT_TARGET_PROGRAMS programs, each slice a
-    whole number of tiles of inputs. H100 (bench/NOTES.md, gate and routing): 22.2 against 26.0 us in 2 slices at
+    cuBLAS's 128 x 128 output tiles (columns: the gate's parts side by side, N for a bfloat16 gate, 2N for
+    another) times the slices make about SPLIT_TARGET_PROGRAMS programs, each slice a whole number of tiles of
+    inputs. H100 (bench/NOTES.md, gate and routing): 22.2 against 26.0 us in 2 slices at
     4096 tokens, N = 256 (XLA split the dot in two and added the halves in a kernel of their own); 13.9 against
     17.6 in 4 at 2048 tokens; the plain dot from 8192 tokens at N = 256, 2048 at N = 1024."""
     if tokens < SPLIT_MIN_TOKENS:
         return 1
-    tiles = -(-tokens // SPLIT_TILE) * -(-num_adapters // SPLIT_TILE)
+    tiles = -(-tokens // SPLIT_TILE) * -(-columns // SPLIT_TILE)
     splits = 1
     while (splits * 2 <= MAX_INPUT_SPLITS and tiles * splits * 2 <= SPLIT_TARGET_PROGRAMS
            and in_features % (splits * 2 * SPLIT_TILE) == 0):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from meteora_jax.gate_logits import (
     compute_gate_logits,
+    gate_columns,
     gate_input_splits,
     gate_logit_shares,
     gate_operand,
@@ -261,11 +262,10 @@ def _gate_and_route(strategy: str, x, gate, top_k: int, temperature):
     m, i = x.shape
     blocks = GateSharesBlockSizes()
     if x.dtype == jnp.bfloat16 and m <= PALLAS_GATE_MAX_TOKENS and i % blocks.block_in == 0:
-        columns = gate.shape[1] * (1 if gate.dtype == jnp.bfloat16 else 2)
-        splits = input_split_count(m, columns, i, blocks)
+        splits = input_split_count(m, gate_columns(gate), i, blocks)
         matmul = functools.partial(gate_shares_matmul, blocks=blocks, interpret=interpret)
     else:
-        splits, matmul = gate_input_splits(m, gate.shape[1], i), None
+        splits, matmul = gate_input_splits(m, gate_columns(gate), i), None
     shares = gate_logit_shares(x, gate, splits, matmul)
     indices, weights = route_tokens(shares, top_k, temperature, interpret=interpret)
     return summed_shares(shares), indices, weights

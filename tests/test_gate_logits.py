@@ -83,10 +83,16 @@ def test_compute_gate_logits_is_the_sum_of_one_slice():
     np.testing.assert_array_equal(compute_gate_logits(x, gate), summed_shares(gate_logit_shares(x, gate)))
 
 
-def test_splits_that_do_not_divide_the_inputs_are_named():
+def test_bad_operands_and_splits_are_named():
     x, gate = problem(4)
-    with pytest.raises(ValueError, match="input_splits=3 must divide the 256 input features"):
+    with pytest.raises(ValueError, match="input_splits=3 must be >= 1 and divide the 256 input features"):
         gate_logit_shares(x, gate, 3)
+    with pytest.raises(ValueError, match="input_splits=0 must be >= 1"):
+        gate_logit_shares(x, gate, 0)
+    with pytest.raises(ValueError, match=r"x \(24, 256\) must be \[tokens, inputs\] and the gate \(64, 6\)"):
+        gate_logit_shares(x, gate[:64], 2)
+    with pytest.raises(ValueError, match=r"x \(24, 256, 1\) must be"):
+        gate_logit_shares(x[..., None], gate)
 
 
 @pytest.mark.parametrize("tokens, adapters, in_features", [

@@ -80,6 +80,11 @@ def test_shares_route_as_their_sum(shares):
         np.testing.assert_allclose(grads[:, s], ref, rtol=1e-5, atol=1e-6)
 
 
+def test_no_tokens_route_to_nothing():
+    indices, weights = route_tokens(jnp.zeros((0, 2, 5)), 2, 1.0, interpret=not ON_GPU)
+    assert indices.shape == weights.shape == (0, 2) and indices.dtype == jnp.int32
+
+
 def test_bad_arguments_name_the_culprit():
     logits = jnp.zeros((8, 3), jnp.float32)
     with pytest.raises(ValueError, match=r"top_k=4 must be between 1 and the number of adapters \(3\)"):

@@ -30,22 +30,21 @@ def gate_shares_reference(x, gate, input_splits: int):
 @dataclasses.dataclass(frozen=True)
 class GateSharesBlockSizes:
     """block_tokens x block_columns: one program's tile of the shares, stepping block_in inputs at a time with
-    num_stages steps' loads in flight, over num_warps warps. splits: input slices, None for input_split_count's.
-    H100 (bench/NOTES.md): 64 x 128 tiles, 64-input steps, 4 warps and 4 stages against 128 x 128 and 64 x 256
-    at 1024-2048 tokens."""
+    num_stages steps' loads in flight, over num_warps warps (the input slices are the caller's; input_split_count
+    gives the measured choice). H100 (bench/NOTES.md): 64 x 128 tiles, 64-input steps, 4 warps and 4 stages
+    against 128 x 128 and 64 x 256 at 1024-2048 tokens."""
 
     block_tokens: int = 64
     block_columns: int = 128
     block_in: int = 64
     num_warps: int = 4
     num_stages: int = 4
-    splits: int | None = None
 
     def check(self) -> None:
         check_powers_of_two(self, ("block_tokens", "block_columns", "block_in"))
         check_num_warps(self, ("num_warps",))
-        if self.num_stages < 1 or (self.splits is not None and self.splits < 1):
-            raise ValueError(f"num_stages={self.num_stages} and splits={self.splits} must be >= 1")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
 
 
 # Programs that input_split_count aims for (one or two per multiprocessor of an H100) and its most slices.
@@ -54,10 +53,8 @@ MAX_SPLITS = 4
 
 
 def input_split_count(tokens: int, columns: int, in_features: int, blocks: GateSharesBlockSizes) -> int:
-    """blocks.splits, else the most slices (a power of two up to MAX_SPLITS, each a whole number of input steps)
-    that keep the programs within TARGET_PROGRAMS."""
-    if blocks.splits is not None:
-        return blocks.splits
+    """The most input slices (a power of two up to MAX_SPLITS, each a whole number of input steps) that keep the
+    programs within TARGET_PROGRAMS."""
     tiles = pl.cdiv(tokens, blocks.block_tokens) * pl.cdiv(columns, blocks.block_columns)
     splits = 1
     while (splits * 2 <= MAX_SPLITS and tiles * splits * 2 <= TARGET_PROGRAMS
@@ -98,7 +95,7 @@ def gate_shares_matmul(x, weights, *, input_splits: int, blocks: GateSharesBlock
     if weights.shape[0] != i or x.dtype != jnp.bfloat16 or weights.dtype != jnp.bfloat16:
         raise ValueError(f"x {x.shape} {x.dtype} and weights {weights.shape} {weights.dtype} must be bfloat16 and "
                          "agree on the input features")
-    if i % (input_splits * blocks.block_in):
+    if input_splits < 1 or i % (input_splits * blocks.block_in):
         raise ValueError(f"input_splits={input_splits} slices of {blocks.block_in}-input steps must tile the {i} "
                          "input features")
     c = weights.shape[1]

@@ -97,6 +97,8 @@ def route_tokens(logits, top_k: int, temperature: float, *, blocks: RouteBlockSi
         raise ValueError(f"top_k={top_k} must be between 1 and the number of adapters ({n})")
     if isinstance(temperature, jax.Array):
         raise ValueError("route_tokens compiles the temperature into its kernel: pass a Python number, not an array")
+    if logits.shape[0] == 0:
+        return jnp.zeros((0, top_k), jnp.int32), jnp.zeros((0, top_k), jnp.float32)
     shares = logits.reshape(logits.shape[0], -1, n).astype(jnp.float32)
     return _differentiable(shares, top_k, float(temperature), blocks, interpret)
 
