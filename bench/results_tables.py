@@ -618,6 +618,15 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_fused_runs48.json")],
                            "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
                            "tile's slots), bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_adapter_votes.json")],
+                           "MeteoRA layer with `fused`'s tile routing counting votes per adapter up to N = 256 "
+                           "(session 14), routing in runs of 96 tokens, bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_before_adapter_votes.json")],
+                           "The same run, the code before (votes counted pairwise at every N), N = 256", "chained")
+    lines += tile_routing_section(load("tile_routing_tuning_adapter_votes.json"),
+                                  "votes per adapter up to N = 256, pairwise beyond (`hybrid`) against pairwise only")
+    lines += tile_routing_section(load("tile_routing_tuning_histogram.json"),
+                                  "votes per adapter at every N (`histogram`) against pairwise")
     lines += layer_section([load("meteora_layer_session14.json")],
                            "MeteoRA layer, `fused` against bmm after session 14 (the gate's shares added by the "
                            "routing kernel), in one run, routing in runs of 96 tokens, bfloat16 gates", "chained")

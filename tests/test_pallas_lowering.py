@@ -19,6 +19,7 @@ from meteora_jax.pallas.fused_linear import fused_linear
 from meteora_jax.pallas.gate_shares import gate_shares_matmul
 from meteora_jax.pallas.mixture import mixture_pallas
 from meteora_jax.pallas.route_tokens import route_tokens
+from meteora_jax.pallas.tile_routing import route_tiles
 from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink
 
 IN, OUT, N, R = 128, 256, 6, 8
@@ -81,6 +82,9 @@ CASES = {
         forward_and_backward(fused), (spec((256, IN)), spec((IN, OUT)), *mixture_operands(256)[1:]),
         {"meteora_route_tiles", "meteora_tile_shrink", "mosaic_gpu", "meteora_missed_shrink", "meteora_missed_add",
          "meteora_pair_grads"}),
+    "tile routing with votes counted pairwise (N > 256)": (
+        lambda indices, weights, scaling: route_tiles(indices, weights, scaling, tile_tokens=128, slots=8),
+        (spec((256, 2), jnp.int32), spec((256, 2), jnp.float32), spec((300,), jnp.float32)), {"meteora_route_tiles"}),
     "routing of many tokens": (lambda logits: route_tokens(logits, 2, 1.0), (spec((64, N), jnp.float32),),
                                {"meteora_route_tokens"}),
     "gate shares (a float32 gate in two parts, two input slices) and their routing": (

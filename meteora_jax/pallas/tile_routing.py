@@ -10,9 +10,10 @@ written here so that no launch of its own builds it.
 
 Why: in XLA this is a dozen small kernels (the votes' scatter-add, a top-k sort over [tiles, N], the slots'
 scatter and gather, a one-hot product, index building): ~15 us at 16384 tokens (bench/NOTES.md). Here one
-program per tile loads its tokens' choices once, counts each choice's votes by comparing the choices pairwise
-(independent of N), picks the slots by U rounds of max and writes its tokens' coefficients. A first form that
-counted over N in steps of 16 tokens took 18 us: its steps waited on memory one after another.
+program per tile loads its tokens' choices once, counts the votes in registers (up to 256 adapters each adapter's,
+the choices against the adapters; beyond, each choice's, the choices against each other, independent of N), picks
+the slots by U rounds of max and writes its tokens' coefficients. A first form that counted over N in steps of 16
+tokens, reading the choices again in each, took 18 us: its steps waited on memory one after another.
 """
 
 from __future__ import annotations
@@ -81,20 +82,34 @@ def route_tiles_reference(indices, weights, scaling, *, tile_tokens: int, slots:
                        *missed_token_list(missed, tile_tokens))
 
 
-# Voters compared with a tile's choices at a time: 16 took 11.6-11.8 us, 32 6.4-6.8, 64 8.9-9.4 and all 256 at
-# once 8.4-9.0 (H100, 128-token tiles, top-2; bench/NOTES.md).
+# Up to this many adapters (rounded up to a power of two) a program counts each adapter's votes, comparing the tile's
+# choices with every adapter: 4.5 us at N = 256, where counting each choice's votes pairwise among the tile's choices
+# took 6.8; at N = 1024 the per-adapter count took 13.6 and the pairwise one, independent of N, 6.9 (bench/NOTES.md).
+MAX_ADAPTER_VOTE_LANES = 256
+# The pairwise count compares this many voters at a time: 16 took 11.6-11.8 us, 32 6.4-6.8, 64 8.9-9.4 and all 256
+# at once 8.4-9.0 (H100, 128-token tiles, top-2; bench/NOTES.md).
 VOTER_CHUNK = 32
 
 
 @dataclasses.dataclass(frozen=True)
 class TileRoutingBlockSizes:
-    """num_warps per program (one program per tile, holding its tokens' choices and comparing them with the tile's
-    choices VOTER_CHUNK at a time): 8 took 6.4-6.8 us, 4 7.8-8.4, 16 6.9-7.1 (bench/NOTES.md)."""
+    """num_warps per program (one program per tile); None: 4 where it counts votes per adapter (4.5 us at N = 256,
+    8 warps 10.9, 16 9.1), 8 where it counts them pairwise (6.4-6.8 us, 4 warps 7.8-8.4, 16 6.9-7.1; bench/NOTES.md)."""
 
-    num_warps: int = 8
+    num_warps: int | None = None
 
     def check(self) -> None:
         check_num_warps(self, ("num_warps",))
+
+    def warps(self, num_adapters: int) -> int:
+        if self.num_warps is not None:
+            return self.num_warps
+        return 4 if counts_per_adapter(num_adapters) else 8
+
+
+def counts_per_adapter(num_adapters: int) -> bool:
+    """Whether the kernel counts votes per adapter (else per choice, pairwise)."""
+    return pl.next_power_of_2(num_adapters) <= MAX_ADAPTER_VOTE_LANES
 
 
 def _kernel(idx_ref, weight_ref, scaling_ref, idx_flat_ref, weight_flat_ref, adapters_ref, per_slot_ref, missed_ref,
@@ -108,23 +123,14 @@ def _kernel(idx_ref, weight_ref, scaling_ref, idx_flat_ref, weight_flat_ref, ada
     # Rows past the tile: no coefficient, no vote, no miss (0 x an infinite scaling would be NaN, which counts).
     coef = [jnp.where(inside, plt.load(weight_ref.at[rows, column], mask=inside, other=0) * plt.load(scaling_ref.at[a]),
                       0.0) for column, a in zip(columns, adapter)]
-    # Each choice's votes: how many counted choices of the tile name its adapter (pairwise, not over N), against the
-    # tile's choices as one flat vector (row-major [T, K]), -1 where a choice takes no vote, VOTER_CHUNK voters at a
-    # time: one [rows, rows K] comparison per column took 8.4-9.0 us, in chunks 6.4-6.8 (bench/NOTES.md).
-    flat_size = max(pl.next_power_of_2(tile_tokens * top_k), 16)
-    chunk = min(VOTER_CHUNK, flat_size)
-    counts = [jnp.zeros(rows.shape, jnp.int32) for _ in adapter]
-    for start in range(0, flat_size, chunk):
-        flat = start + jnp.arange(chunk)
-        position = tile * tile_tokens * top_k + flat
-        voting = flat < tile_tokens * top_k
-        choice = plt.load(idx_flat_ref.at[position], mask=voting, other=0)
-        weight = plt.load(weight_flat_ref.at[position], mask=voting, other=0)
-        voters = jnp.where(voting & (weight * plt.load(scaling_ref.at[choice]) != 0), choice, -1)[None, :]
-        counts = [c + jnp.sum((a[:, None] == voters).astype(jnp.int32), axis=1) for c, a in zip(counts, adapter)]
-    # The key orders adapters by votes, then by lower index: the ties of lax.top_k over the counts.
     lanes = pl.next_power_of_2(num_adapters)
-    keys = [jnp.where(votes > 0, votes * lanes + (lanes - 1 - a), -1) for a, votes in zip(adapter, counts)]
+    if counts_per_adapter(num_adapters):
+        votes, candidates = _votes_per_adapter(adapter, coef, lanes)
+    else:
+        votes = _votes_per_choice(adapter, idx_flat_ref, weight_flat_ref, scaling_ref, tile, tile_tokens, top_k)
+        candidates = adapter
+    # The key orders adapters by votes, then by lower index: the ties of lax.top_k over the counts.
+    keys = [jnp.where(v > 0, v * lanes + (lanes - 1 - a), -1) for a, v in zip(candidates, votes)]
     held = [jnp.zeros(rows.shape, jnp.bool_) for _ in range(top_k)]
     for slot in range(slots):
         best = functools.reduce(jnp.maximum, [jnp.max(k) for k in keys])
@@ -135,7 +141,7 @@ def _kernel(idx_ref, weight_ref, scaling_ref, idx_flat_ref, weight_flat_ref, ada
         share = functools.reduce(jnp.add, [jnp.where(hit, c, 0.0) for hit, c in zip(hits, coef)])
         plt.store(per_slot_ref.at[rows, jnp.full_like(rows, slot)], share, mask=inside)
         held = [h | hit for h, hit in zip(held, hits)]
-        keys = [jnp.where(hit, -1, k) for hit, k in zip(hits, keys)]
+        keys = [jnp.where(a == chosen, -1, k) for a, k in zip(candidates, keys)]
     for column, c, h in zip(columns, coef, held):
         plt.store(missed_ref.at[rows, column], jnp.where(h, 0.0, c), mask=inside)
     # The tile's tokens with a miss first, then the others, each part in order (missed_token_list).
@@ -145,6 +151,33 @@ def _kernel(idx_ref, weight_ref, scaling_ref, idx_flat_ref, weight_flat_ref, ada
     before = jnp.cumsum(missing) - missing
     position = jnp.where(missing > 0, before, count + block - before)
     plt.store(missed_tokens_ref.at[tile * tile_tokens + position], rows, mask=inside)
+
+def _votes_per_adapter(adapter, coef, lanes):
+    """([votes of every adapter], [the adapters]) in one vector of lanes: each column's choices that count (a
+    nonzero coefficient) compared with the adapters and summed over the tile's rows."""
+    candidates = jnp.arange(lanes)
+    voters = [jnp.where(c != 0, a, -1) for a, c in zip(adapter, coef)]
+    votes = functools.reduce(jnp.add, [jnp.sum((v[:, None] == candidates[None, :]).astype(jnp.int32), axis=0)
+                                       for v in voters])
+    return [votes], [candidates]
+
+
+def _votes_per_choice(adapter, idx_flat_ref, weight_flat_ref, scaling_ref, tile, tile_tokens, top_k):
+    """Each choice's votes: how many counted choices of the tile name its adapter (pairwise, not over N), against
+    the tile's choices as one flat vector (row-major [T, K]), -1 where a choice takes no vote, VOTER_CHUNK voters
+    at a time: one [rows, rows K] comparison per column took 8.4-9.0 us, in chunks 6.4-6.8 (bench/NOTES.md)."""
+    flat_size = max(pl.next_power_of_2(tile_tokens * top_k), 16)
+    chunk = min(VOTER_CHUNK, flat_size)
+    counts = [jnp.zeros(a.shape, jnp.int32) for a in adapter]
+    for start in range(0, flat_size, chunk):
+        flat = start + jnp.arange(chunk)
+        position = tile * tile_tokens * top_k + flat
+        voting = flat < tile_tokens * top_k
+        choice = plt.load(idx_flat_ref.at[position], mask=voting, other=0)
+        weight = plt.load(weight_flat_ref.at[position], mask=voting, other=0)
+        voters = jnp.where(voting & (weight * plt.load(scaling_ref.at[choice]) != 0), choice, -1)[None, :]
+        counts = [c + jnp.sum((a[:, None] == voters).astype(jnp.int32), axis=1) for c, a in zip(counts, adapter)]
+    return counts
 
 
 def route_tiles(indices, weights, scaling, *, tile_tokens: int, slots: int,
@@ -195,7 +228,7 @@ def _call(indices, weights, scaling, tile_tokens, slots, blocks, interpret):
                    jax.ShapeDtypeStruct((t, k), jnp.float32), jax.ShapeDtypeStruct((tiles,), jnp.int32),
                    jax.ShapeDtypeStruct((t,), jnp.int32)),
         grid=(tiles,),
-        compiler_params=plt.CompilerParams(num_warps=blocks.num_warps),
+        compiler_params=plt.CompilerParams(num_warps=blocks.warps(scaling.shape[0])),
         interpret=interpret,
         name="meteora_route_tiles",
     )(indices, weights, scaling, indices.reshape(-1), weights.reshape(-1)))
