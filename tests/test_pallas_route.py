@@ -156,6 +156,18 @@ def test_tile_routing_padding_rows_take_nothing_from_an_infinite_scaling():
     np.testing.assert_array_equal(ref.tile_misses, [12, 12])
 
 
+def test_tile_routing_keeps_an_infinite_coefficient_to_its_own_slot():
+    """A chosen adapter that scales by inf: its slot's coefficient is inf, the other slots' stay finite, in the
+    kernel and the reference alike."""
+    indices = jnp.tile(jnp.asarray([[0, 1]], jnp.int32), (16, 1))
+    scaling = jnp.asarray([jnp.inf, 1.0], jnp.float32)
+    ours = route_tiles(indices, jnp.ones((16, 2), jnp.float32), scaling, tile_tokens=16, slots=2, interpret=not ON_GPU)
+    ref = route_tiles_reference(indices, jnp.ones((16, 2), jnp.float32), scaling, tile_tokens=16, slots=2)
+    for field, got, want in zip(ref._fields, ours, ref):
+        np.testing.assert_array_equal(got, want, err_msg=field)
+    np.testing.assert_array_equal(ref.per_slot[0], [jnp.inf, 1.0])
+
+
 def test_tile_routing_names_bad_shapes():
     indices, weights, scaling = jnp.zeros((100, 2), jnp.int32), jnp.zeros((100, 2)), jnp.ones(4)
     with pytest.raises(ValueError, match="the tokens tile by 64"):
@@ -167,7 +179,7 @@ def test_tile_routing_names_bad_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="full-size kernel tests need a GPU")
-@pytest.mark.parametrize("n", [28, 1024])
+@pytest.mark.parametrize("n", [28, 256, 1024])  # votes counted per adapter at 28 and 256, pairwise at 1024
 def test_tile_routing_full_size_on_gpu(n):
     rng = np.random.default_rng(n)
     t = 16384

@@ -61,8 +61,9 @@ def tile_slots(indices, num_adapters: int, tile_tokens: int, slots: int, counted
 
 def slot_coefficients(coef, slot, slots: int):
     """Each token's coefficient per slot [T, U] from its choices' coefficients and slots [T, K]; a choice in slot U
-    (missed) adds nothing."""
-    return jnp.einsum("TK,TKU->TU", coef, jax.nn.one_hot(slot, slots, dtype=coef.dtype))
+    (missed) adds nothing. Selected, not multiplied by a one-hot: an infinite coefficient stays out of the slots it
+    is not in (inf x 0 would be NaN there)."""
+    return jnp.sum(jnp.where(slot[..., None] == jnp.arange(slots), coef[..., None], 0.0), axis=1)
 
 
 class TileRouting(NamedTuple):
