@@ -42,6 +42,11 @@ def split_in_two(value):
     return top.astype(jnp.bfloat16), (value - top).astype(jnp.bfloat16)
 
 
+def gate_parts(gate) -> list:
+    """The gate's bfloat16 parts for a tensor-core matmul: a bfloat16 gate whole, any other as hi and lo."""
+    return [gate] if gate.dtype == jnp.bfloat16 else list(split_in_two(gate))
+
+
 def gate_columns(gate) -> int:
     """Columns of the gate's bfloat16 parts side by side: N for a bfloat16 gate, 2N (hi and lo) for another."""
     return gate.shape[1] * (1 if gate.dtype == jnp.bfloat16 else 2)
@@ -101,9 +106,15 @@ def gate_input_splits(tokens: int, columns: int, in_features: int) -> int:
     if tokens < SPLIT_MIN_TOKENS:
         return 1
     tiles = -(-tokens // SPLIT_TILE) * -(-columns // SPLIT_TILE)
+    return most_input_splits(tiles, in_features, SPLIT_TILE, MAX_INPUT_SPLITS, SPLIT_TARGET_PROGRAMS)
+
+
+def most_input_splits(tiles: int, in_features: int, step: int, max_splits: int, target_programs: int) -> int:
+    """The most input slices (a power of two up to max_splits, each a whole number of `step` inputs) that keep
+    tiles x slices programs within target_programs."""
     splits = 1
-    while (splits * 2 <= MAX_INPUT_SPLITS and tiles * splits * 2 <= SPLIT_TARGET_PROGRAMS
-           and in_features % (splits * 2 * SPLIT_TILE) == 0):
+    while (splits * 2 <= max_splits and tiles * splits * 2 <= target_programs
+           and in_features % (splits * 2 * step) == 0):
         splits *= 2
     return splits
 
@@ -112,7 +123,7 @@ def gate_input_splits(tokens: int, columns: int, in_features: int) -> int:
 def _bfloat16_shares(x, gate, input_splits, matmul):
     """Gradients are float32 products (without the custom VJP the gate's would be rounded to bfloat16)."""
     n = gate.shape[1]
-    parts = [gate] if gate.dtype == jnp.bfloat16 else list(split_in_two(gate))
+    parts = gate_parts(gate)
     weights = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]  # [I, P N]
     return matmul(x, weights, input_splits=input_splits).reshape(x.shape[0], input_splits * len(parts), n)
 
@@ -127,7 +138,7 @@ def _shares_backward(input_splits, _, residuals, dshares):
     x, gate = residuals
     m, i = x.shape
     n = gate.shape[1]
-    parts = [gate] if gate.dtype == jnp.bfloat16 else list(split_in_two(gate))
+    parts = gate_parts(gate)
     dshares = dshares.reshape(m, input_splits, len(parts), n)
     sliced = (input_splits, i // input_splits, n)
     dx = functools.reduce(jnp.add, [

@@ -18,7 +18,7 @@ from meteora_jax.gate_logits import (
     gate_input_splits,
     gate_logit_shares,
     gate_operand,
-    split_in_two,
+    gate_parts,
     summed_shares,
 )
 
@@ -178,12 +178,12 @@ def _routed_shrink(x, gate, lora_a, scaling, top_k: int, temperature):
 @jax.custom_vjp
 def _fold_gate_into_shrink(x, gate, lora_a):
     """(every adapter's x A [M, N, R], gate logits [M, N]), both float32, from one bfloat16 matmul of x with
-    [A | gate_hi | gate_lo] (`split_in_two`) with float32 accumulation; a bfloat16 gate rides whole, as
+    [A | gate_hi | gate_lo] (`gate_logits.gate_parts`) with float32 accumulation; a bfloat16 gate rides whole, as
     [A | gate]. Gradients are float32 products (without the custom VJP the gate's would be rounded to
     bfloat16)."""
     m, i = x.shape
     n, _, r = lora_a.shape
-    parts = [gate] if gate.dtype == jnp.bfloat16 else list(split_in_two(gate))
+    parts = gate_parts(gate)
     weights = jnp.concatenate([jnp.swapaxes(lora_a, 0, 1).reshape(i, n * r), *parts], axis=1)
     both = jnp.dot(x, weights, preferred_element_type=jnp.float32)  # [M, N*R + parts*N]
     logits = functools.reduce(jnp.add, [both[:, n * r + p * n : n * r + (p + 1) * n] for p in range(len(parts))])

@@ -1,4 +1,4 @@
-"""The gate matmul of the Pallas strategies' prefill below FUSED_MIN_TOKENS: shares of x @ gate for route_tokens.
+"""The gate matmul of the Pallas strategies up to PALLAS_GATE_MAX_TOKENS: shares of x @ gate for route_tokens.
 
     shares[t, s P + p, n] = x[t, slice s] @ part_p[slice s, n]      (gate_logits.gate_logit_shares' layout)
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from meteora_jax.gate_logits import gate_logit_shares
+from meteora_jax.gate_logits import gate_logit_shares, most_input_splits
 from meteora_jax.pallas.block_sizes import check_num_warps, check_powers_of_two
 
 
@@ -56,11 +56,7 @@ def input_split_count(tokens: int, columns: int, in_features: int, blocks: GateS
     """The most input slices (a power of two up to MAX_SPLITS, each a whole number of input steps) that keep the
     programs within TARGET_PROGRAMS."""
     tiles = pl.cdiv(tokens, blocks.block_tokens) * pl.cdiv(columns, blocks.block_columns)
-    splits = 1
-    while (splits * 2 <= MAX_SPLITS and tiles * splits * 2 <= TARGET_PROGRAMS
-           and in_features % (splits * 2 * blocks.block_in) == 0):
-        splits *= 2
-    return splits
+    return most_input_splits(tiles, in_features, blocks.block_in, MAX_SPLITS, TARGET_PROGRAMS)
 
 
 def _kernel(x_ref, w_ref, out_ref, *, tokens, in_features, columns, steps, blocks: GateSharesBlockSizes):

@@ -28,7 +28,6 @@ def route_tokens_reference(logits, top_k: int, temperature):
     return route(logits if logits.ndim == 2 else summed_shares(logits), top_k, temperature)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class RouteBlockSizes:
     """block_tokens: tokens per program, whose [block_tokens, N] logits sit in registers (N rounded up to a power
