@@ -618,6 +618,11 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_fused_runs48.json")],
                            "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
                            "tile's slots), bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_pipeline_steps.json")],
+                           "MeteoRA layer with `fused`'s routed GEMM taking the adapters' step through its own pipeline "
+                           "(four steps in flight; session 15), routing in runs of 96 tokens, bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_before_pipeline_steps.json")],
+                           "The same run, the code before (emit_pipeline, three K steps in flight)", "chained")
     lines += layer_section([load("meteora_layer_adapter_votes.json")],
                            "MeteoRA layer with `fused`'s tile routing counting votes per adapter up to N = 256 "
                            "(session 14), routing in runs of 96 tokens, bfloat16 gates", "chained")

@@ -28,10 +28,16 @@ ADAPTERS, RANK = 256, 8
 
 
 def block_grid():
+    """The grid's block sizes that fit a program's shared memory."""
     for (tile_m, tile_n), stages, split, width in itertools.product(
-        ((128, 128), (64, 256)), (3, 2), ("m", "n"), (8, 16)
+        ((128, 128), (64, 256)), (4, 3), ("m", "n"), (8, 16)
     ):
-        yield RoutedGemmBlockSizes(tile_m=tile_m, tile_n=tile_n, stages=stages, split=split, grid_tile_width=width)
+        try:
+            blocks = RoutedGemmBlockSizes(tile_m=tile_m, tile_n=tile_n, stages=stages, split=split,
+                                          grid_tile_width=width)
+        except ValueError:  # more shared memory than a program has
+            continue
+        yield blocks
 
 
 def main() -> None:

@@ -6,9 +6,11 @@ tokens uses only a few adapters. Per tile of `tile_tokens` tokens the caller nam
 routed intermediates h [T, 64] (x A of each slot's adapter times the token's routing coefficient for it, zero
 where the token did not choose it). The kernel is a Hopper GEMM (warp-specialised TMA pipeline and wgmma, after
 jax's example jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py, Apache-2.0) whose accumulator takes one more
-wgmma, h_tile @ B_tile, before it is written; the copy engine gathers B_tile's rows slot by slot while the K loop
-runs. So the adapters' delta costs no pass over [T, O], which a LoRA added by XLA does, and B_tile is never
-written to memory (bench/NOTES.md).
+wgmma, h_tile @ B_tile, before it is written. That step has a K step's shape ([tile, 64] @ [64, O_tile]), so it
+is the pipeline's last step: the copy warpgroup gathers B_tile's rows slot by slot into the K steps' own buffers
+while the K loop runs. So the adapters' delta costs no pass over [T, O], which a LoRA added by XLA does, B_tile
+is never written to memory, and shared memory holds four steps in flight (bench/NOTES.md). The pipeline is
+written by hand because jax's emit_pipeline takes no step with other sources.
 
 Mosaic GPU, not the Triton lowering the other kernels use: its pipelined wgmma GEMM measured 1.01-1.04x XLA's
 cuBLAS dot at 4096-16384 tokens (bench/results/base_gemm_forms.json); a Triton-lowered GEMM was not tried.
@@ -37,6 +39,8 @@ SLOT_ROW_GROUP = 8
 # Warpgroups: two compute, one issuing the copies.
 COMPUTE_WARPGROUPS = 2
 INTERPRET_PROGRAMS = 2
+# An H100 program's shared memory (227 KiB).
+SHARED_MEMORY_BYTES = 227 * 1024
 # planar_snake's minor dimension: bands of output tiles (the example's best order at 16384 tokens).
 SNAKE_ALONG_OUTPUTS = 1
 
@@ -44,20 +48,19 @@ SNAKE_ALONG_OUTPUTS = 1
 @dataclasses.dataclass(frozen=True)
 class RoutedGemmBlockSizes:
     """tile_m x tile_n: one compute warpgroup's output tile; the two warpgroups of a program split its tile
-    along `split` ("m": tokens, "n": outputs). stages: K steps in flight. grid_tile_width: output tiles per band
+    along `split` ("m": tokens, "n": outputs). stages: pipeline steps in flight. grid_tile_width: output tiles per band
     of the programs' snake order over the output. Measured on an H100: bench/NOTES.md."""
 
     # 64 x 256 tiles: the slots' B rows, gathered per output tile, cost ~2 us at 16384 tokens where 128 x 128
     # tiles (twice as many) took 73 us more than with B_tile gathered beforehand (bench/NOTES.md).
     tile_m: int = 64
     tile_n: int = 256
-    tile_k: int = 64
-    stages: int = 3
+    stages: int = 4
     split: str = "m"
     grid_tile_width: int = 8
 
     def __post_init__(self):
-        for name in ("tile_m", "tile_n", "tile_k"):
+        for name in ("tile_m", "tile_n"):
             value = getattr(self, name)
             if value < LANE or value % LANE:
                 raise ValueError(f"{name}={value} must be a multiple of {LANE}")
@@ -65,6 +68,20 @@ class RoutedGemmBlockSizes:
             raise ValueError(f"split={self.split!r} must be 'm' or 'n'")
         if self.stages < 2 or self.grid_tile_width < 1:
             raise ValueError(f"stages={self.stages} must be >= 2 and grid_tile_width={self.grid_tile_width} >= 1")
+        if self.shared_memory_bytes > SHARED_MEMORY_BYTES:
+            raise ValueError(f"{self} needs {self.shared_memory_bytes} bytes of shared memory; a Hopper program "
+                             f"has {SHARED_MEMORY_BYTES}: fewer stages or smaller tiles")
+
+    @property
+    def tile_k(self) -> int:
+        """Inputs per K step: one swizzled lane, as wide as h, so the adapters' step fits the K steps' buffers."""
+        return LANE
+
+    @property
+    def shared_memory_bytes(self) -> int:
+        """The stages' x and W buffers and each compute warpgroup's output staging, in bfloat16."""
+        step = (self.tile_tokens + self.tile_outputs) * LANE
+        return 2 * (self.stages * step + COMPUTE_WARPGROUPS * self.tile_m * LANE)
 
     @property
     def tile_tokens(self) -> int:
@@ -123,87 +140,110 @@ def _swizzled(columns: int):
 def _kernel(x_gmem, w_gmem, h_gmem, bank_gmem, slots_gmem, out_gmem, *, blocks: RoutedGemmBlockSizes):
     t, i = x_gmem.shape
     o = w_gmem.shape[1]
-    tile_m, tile_n, tile_k = blocks.tile_m, blocks.tile_n, blocks.tile_k
+    tile_m, tile_n, stages = blocks.tile_m, blocks.tile_n, blocks.stages
     cta_m, cta_n = blocks.tile_tokens, blocks.tile_outputs
-    m_iters, n_iters, k_iters = t // cta_m, o // cta_n, i // tile_k
-    transforms = _swizzled(tile_k)
-    lane_transforms = _swizzled(LANE)
+    m_iters, n_iters, k_iters = t // cta_m, o // cta_n, i // LANE
+    # Each output tile takes k_iters K steps and then the adapters' step (h_tile, B_tile), which has a K step's
+    # shape: it runs through the same buffers, and with no buffers of its own shared memory holds four steps.
+    steps = k_iters + 1
+    transforms = _swizzled(LANE)
     split_m = blocks.split == "m"
     slot_count, slot_rows_count = slots_gmem.shape[1], bank_gmem.shape[1]
 
-    def pipeline(body, compute_context):
-        return plgpu.emit_pipeline_warp_specialized(
-            body,
-            grid=(k_iters,),
-            memory_registers=40,
-            in_specs=[
-                plgpu.BlockSpec((cta_m, tile_k), lambda k: (0, k), transforms=transforms, memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((tile_k, cta_n), lambda k: (k, 0), transforms=transforms, memory_space=plgpu.SMEM),
-            ],
-            wg_axis="wg",
-            num_compute_wgs=COMPUTE_WARPGROUPS,
-            max_concurrent_steps=blocks.stages,
-            compute_context=compute_context,
-        )
-
-    ignore = lambda *_, **__: None  # noqa: E731 - the allocations do not depend on the bodies
-
     @functools.partial(
         pl.run_scoped,
-        allocations=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
-        h_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, tile_m, LANE), h_gmem.dtype, transforms=lane_transforms),
-        bt_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, LANE, tile_n), bank_gmem.dtype, transforms=lane_transforms),
-        barrier=plgpu.Barrier(num_arrivals=1 + slot_count, num_barriers=COMPUTE_WARPGROUPS),  # h and each slot
+        x_smem=plgpu.SMEM((stages, cta_m, LANE), x_gmem.dtype, transforms=transforms),
+        w_smem=plgpu.SMEM((stages, LANE, cta_n), w_gmem.dtype, transforms=transforms),
+        out_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, tile_m, LANE), out_gmem.dtype, transforms=transforms),
+        loaded=plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # x's and W's copies
+        adapters_loaded=plgpu.Barrier(num_arrivals=1 + slot_count, num_barriers=stages),  # h's and each slot's
+        consumed=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),
         collective_axes="wg",
     )
-    def _scope(allocations, h_smem, bt_smem, barrier):
+    def _scope(x_smem, w_smem, out_smem, loaded, adapters_loaded, consumed):
         wg = lax.axis_index("wg")
 
-        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="programs")
-        def _tiles(loop_info):
+        def output_tile(loop_info):
+            """The program's first pipeline step for this tile, and the tile's place in the output."""
             (linear,) = loop_info.index
             m_idx, n_idx = plgpu.planar_snake(linear, (m_iters, n_iters), SNAKE_ALONG_OUTPUTS, blocks.grid_tile_width)
-            rows = pl.ds(m_idx * cta_m + (wg * tile_m if split_m else 0), tile_m)
-            cols = pl.ds(n_idx * cta_n + (0 if split_m else wg * tile_n), tile_n)
+            return loop_info.local_index * steps, m_idx, n_idx
+
+        @pl.when(wg == COMPUTE_WARPGROUPS)
+        def _copies():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def reserve(step):
+                """Step's buffer slot, once both compute warpgroups have consumed the step before it there."""
+                slot = lax.rem(step, stages)
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(consumed.at[slot])
+                return slot
+
+            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="programs")
+            def _tiles(loop_info):
+                first_step, m_idx, n_idx = output_tile(loop_info)
+                cta_rows = pl.ds(m_idx * cta_m, cta_m)
+                cols = pl.ds(n_idx * cta_n, cta_n)
+
+                @pl.loop(0, k_iters)
+                def _k(k):
+                    slot = reserve(first_step + k)
+                    plgpu.copy_gmem_to_smem(x_gmem.at[cta_rows, pl.ds(k * LANE, LANE)], x_smem.at[slot],
+                                            loaded.at[slot])
+                    plgpu.copy_gmem_to_smem(w_gmem.at[pl.ds(k * LANE, LANE), cols], w_smem.at[slot], loaded.at[slot])
+
+                slot = reserve(first_step + k_iters)
+                plgpu.copy_gmem_to_smem(h_gmem.at[cta_rows], x_smem.at[slot], adapters_loaded.at[slot])
+                # Every slot's index first, so their loads wait on memory together, not one after another.
+                entries = [slots_gmem[m_idx, s] for s in range(slot_count)]
+                for s, entry in enumerate(entries):
+                    plgpu.copy_gmem_to_smem(bank_gmem.at[entry, :, cols],
+                                            w_smem.at[slot, pl.ds(s * slot_rows_count, slot_rows_count)],
+                                            adapters_loaded.at[slot])
+
+            # The last steps' releases too: the program exits only once every barrier phase it began has completed.
+            programs = lax.axis_size("programs")
+            total = lax.div(m_iters * n_iters - lax.axis_index("programs") + programs - 1, programs) * steps
+            for j in range(stages):
+                step = total - stages + j
+
+                @pl.when(step >= 0)
+                def _():
+                    plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+
+        @pl.when(wg < COMPUTE_WARPGROUPS)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
             wg_rows = pl.ds(wg * tile_m, tile_m) if split_m else slice(None)
             wg_cols = slice(None) if split_m else pl.ds(wg * tile_n, tile_n)
 
-            def compute_context(run_pipeline):
-                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
-                def _acc(acc_ref):
-                    # The adapters' operands load while the K loop runs, once the previous tile's output stores
-                    # have read h_smem, which doubles as the output's staging buffer (shared memory holds three
-                    # K steps in flight only without a separate one).
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    plgpu.copy_gmem_to_smem(h_gmem.at[rows], h_smem.at[wg], barrier.at[wg])
-                    # Every slot's index first, so their loads wait on memory together, not one after another.
-                    entries = [slots_gmem[m_idx, slot] for slot in range(slot_count)]
-                    for slot, entry in enumerate(entries):
-                        plgpu.copy_gmem_to_smem(bank_gmem.at[entry, :, cols],
-                                                bt_smem.at[wg, pl.ds(slot * slot_rows_count, slot_rows_count)],
-                                                barrier.at[wg])
-                    run_pipeline(acc_ref)
-                    plgpu.barrier_wait(barrier.at[wg])
-                    plgpu.wgmma(acc_ref, h_smem.at[wg], bt_smem.at[wg])
-                    plgpu.wgmma_wait(0)
-                    acc = acc_ref[...].astype(out_gmem.dtype)
+            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="programs")
+            def _tiles(loop_info):
+                first_step, m_idx, n_idx = output_tile(loop_info)
+
+                @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, tile_n), jnp.float32))
+                def _acc(acc):
+                    def step(k, barrier):
+                        slot = lax.rem(first_step + k, stages)
+                        plgpu.barrier_wait(barrier.at[slot])
+                        plgpu.wgmma(acc, x_smem.at[slot, wg_rows], w_smem.at[slot, :, wg_cols])
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(consumed.at[slot])
+
+                    pl.loop(0, k_iters)(functools.partial(step, barrier=loaded))
+                    step(k_iters, adapters_loaded)
+                    out = acc[...].astype(out_gmem.dtype)
+                    rows = pl.ds(m_idx * cta_m + (wg * tile_m if split_m else 0), tile_m)
+                    first_col = n_idx * cta_n + (0 if split_m else wg * tile_n)
                     for lane in range(tile_n // LANE):
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        h_smem[wg] = acc[:, lane * LANE:(lane + 1) * LANE]
+                        out_smem[wg] = out[:, lane * LANE:(lane + 1) * LANE]
                         plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(h_smem.at[wg], out_gmem.at[rows, pl.ds(cols.start + lane * LANE,
-                                                                                       LANE)])
-
-            def mma(_, x_smem, w_smem, acc_ref):
-                plgpu.wgmma(acc_ref, x_smem.at[wg_rows], w_smem.at[:, wg_cols])
-                plgpu.wgmma_wait(0)
-                return acc_ref
-
-            pipeline(mma, compute_context)(
-                x_gmem.at[pl.ds(m_idx * cta_m, cta_m), :],
-                w_gmem.at[:, pl.ds(n_idx * cta_n, cta_n)],
-                allocations=allocations,
-            )
+                        lane_cols = pl.ds(first_col + lane * LANE, LANE)
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[rows, lane_cols])
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
