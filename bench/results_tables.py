@@ -406,6 +406,23 @@ def gemm_section(base_forms: dict, routed: dict, shrink: dict) -> list[str]:
     return lines
 
 
+def routed_gemm_sweep_section(run: dict, title: str) -> list[str]:
+    """Every block configuration of a routed_gemm_tuning.py sweep, kernel time against XLA's dot of the same shape."""
+    env = run["environment"]
+    lines = [f"\n## The routed GEMM's block sizes, {title} (`routed_gemm_tuning.py`)\n",
+             f"Date {env['date'][:10]}; {env['device']}; jax {env['versions']['jax']}. Device (kernel) time, bf16, "
+             "N = 256 adapters of r = 8 in random tile slots.\n",
+             "| T x I -> O | XLA dot ms | blocks | kernel ms | / XLA |", "|---|---:|---|---:|---:|"]
+    for t, i, o in sorted({(r["t"], r["i"], r["o"]) for r in run["rows"]}):
+        same = [r for r in run["rows"] if (r["t"], r["i"], r["o"]) == (t, i, o)]
+        xla = next(r["kernel_ms"] for r in same if r["form"] == "xla_dot")
+        for r in sorted((r for r in same if r.get("kernel_ms") and r.get("blocks")), key=lambda r: r["kernel_ms"]):
+            blocks = r["blocks"].removeprefix("RoutedGemmBlockSizes(").rstrip(")")
+            lines.append(f"| {t} x {i} -> {o} | {xla:.3f} | {blocks} | {r['kernel_ms']:.3f} | "
+                         f"{r['kernel_ms'] / xla:.2f}x |")
+    return lines
+
+
 def slot_gather_section(check: dict | list, bank_sweep: dict) -> list[str]:
     """The routed GEMM gathering the slots' B rows itself, against B_tile gathered beforehand by XLA."""
     env = bank_sweep["environment"]
@@ -618,9 +635,18 @@ def render() -> str:
     lines += layer_section([load("meteora_layer_fused_runs48.json")],
                            "MeteoRA layer with `fused`, routing in runs of 48 tokens (11-25% of choices miss their "
                            "tile's slots), bfloat16 gates", "chained")
+    lines += layer_section([load("meteora_layer_session15.json")],
+                           "MeteoRA layer, `fused` against bmm after session 15 (the routed GEMM's own pipeline, two "
+                           "output staging buffers), in one run, routing in runs of 96 tokens, bfloat16 gates",
+                           "chained")
+    lines += layer_section([load("meteora_layer_before_output_buffers.json")],
+                           "The same run, the code before the second output staging buffer, N = 28 and 256", "chained")
+    lines += routed_gemm_sweep_section(load("routed_gemm_tuning_pipeline_steps.json"),
+                                       "its own pipeline (session 15, one output staging buffer)")
     lines += layer_section([load("meteora_layer_pipeline_steps.json")],
-                           "MeteoRA layer with `fused`'s routed GEMM taking the adapters' step through its own pipeline "
-                           "(four steps in flight; session 15), routing in runs of 96 tokens, bfloat16 gates", "chained")
+                           "MeteoRA layer with `fused`'s routed GEMM taking the adapters' step through its own "
+                           "pipeline (four steps in flight; session 15), routing in runs of 96 tokens, bfloat16 gates",
+                           "chained")
     lines += layer_section([load("meteora_layer_before_pipeline_steps.json")],
                            "The same run, the code before (emit_pipeline, three K steps in flight)", "chained")
     lines += layer_section([load("meteora_layer_adapter_votes.json")],

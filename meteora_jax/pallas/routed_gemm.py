@@ -39,6 +39,9 @@ SLOT_ROW_GROUP = 8
 # Warpgroups: two compute, one issuing the copies.
 COMPUTE_WARPGROUPS = 2
 INTERPRET_PROGRAMS = 2
+# Each compute warpgroup stages its output's 64-column lanes in this many buffers: one lane's store to memory
+# runs while the next is written (bench/NOTES.md).
+OUTPUT_BUFFERS = 2
 # An H100 program's shared memory (227 KiB).
 SHARED_MEMORY_BYTES = 227 * 1024
 # planar_snake's minor dimension: bands of output tiles (the example's best order at 16384 tokens).
@@ -79,9 +82,9 @@ class RoutedGemmBlockSizes:
 
     @property
     def shared_memory_bytes(self) -> int:
-        """The stages' x and W buffers and each compute warpgroup's output staging, in bfloat16."""
+        """The stages' x and W buffers and each compute warpgroup's output staging buffers, in bfloat16."""
         step = (self.tile_tokens + self.tile_outputs) * LANE
-        return 2 * (self.stages * step + COMPUTE_WARPGROUPS * self.tile_m * LANE)
+        return 2 * (self.stages * step + COMPUTE_WARPGROUPS * OUTPUT_BUFFERS * self.tile_m * LANE)
 
     @property
     def tile_tokens(self) -> int:
@@ -154,7 +157,8 @@ def _kernel(x_gmem, w_gmem, h_gmem, bank_gmem, slots_gmem, out_gmem, *, blocks: 
         pl.run_scoped,
         x_smem=plgpu.SMEM((stages, cta_m, LANE), x_gmem.dtype, transforms=transforms),
         w_smem=plgpu.SMEM((stages, LANE, cta_n), w_gmem.dtype, transforms=transforms),
-        out_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, tile_m, LANE), out_gmem.dtype, transforms=transforms),
+        out_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, OUTPUT_BUFFERS, tile_m, LANE), out_gmem.dtype,
+                            transforms=transforms),
         loaded=plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # x's and W's copies
         adapters_loaded=plgpu.Barrier(num_arrivals=1 + slot_count, num_barriers=stages),  # h's and each slot's
         consumed=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),
@@ -239,11 +243,11 @@ def _kernel(x_gmem, w_gmem, h_gmem, bank_gmem, slots_gmem, out_gmem, *, blocks: 
                     rows = pl.ds(m_idx * cta_m + (wg * tile_m if split_m else 0), tile_m)
                     first_col = n_idx * cta_n + (0 if split_m else wg * tile_n)
                     for lane in range(tile_n // LANE):
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        out_smem[wg] = out[:, lane * LANE:(lane + 1) * LANE]
+                        staging = out_smem.at[wg, lane % OUTPUT_BUFFERS]
+                        plgpu.wait_smem_to_gmem(OUTPUT_BUFFERS - 1, wait_read_only=True)
+                        staging[...] = out[:, lane * LANE:(lane + 1) * LANE]
                         plgpu.commit_smem()
-                        lane_cols = pl.ds(first_col + lane * LANE, LANE)
-                        plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[rows, lane_cols])
+                        plgpu.copy_smem_to_gmem(staging, out_gmem.at[rows, pl.ds(first_col + lane * LANE, LANE)])
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
