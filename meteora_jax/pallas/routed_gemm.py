@@ -242,8 +242,11 @@ def _kernel(x_gmem, w_gmem, h_gmem, bank_gmem, slots_gmem, out_gmem, *, blocks: 
                     out = acc[...].astype(out_gmem.dtype)
                     rows = pl.ds(m_idx * cta_m + (wg * tile_m if split_m else 0), tile_m)
                     first_col = n_idx * cta_n + (0 if split_m else wg * tile_n)
-                    for lane in range(tile_n // LANE):
-                        staging = out_smem.at[wg, lane % OUTPUT_BUFFERS]
+                    lanes = tile_n // LANE
+                    for lane in range(lanes):
+                        # Counted across tiles: with an odd number of lanes a tile's first lane must not take the
+                        # buffer whose store, the previous tile's last, may still be reading it.
+                        staging = out_smem.at[wg, lax.rem(loop_info.local_index * lanes + lane, OUTPUT_BUFFERS)]
                         plgpu.wait_smem_to_gmem(OUTPUT_BUFFERS - 1, wait_read_only=True)
                         staging[...] = out[:, lane * LANE:(lane + 1) * LANE]
                         plgpu.commit_smem()
