@@ -59,6 +59,9 @@ def deferred_stores(monkeypatch):
     assert not pending, "a store was never carried out"
 
 
+# On a GPU the stores are asynchronous for real, and test_pallas_fused.py runs the kernel there; the interpreter's
+# simulated warpgroups did not finish there within minutes (jax 0.11.2, H100).
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="models the GPU's stores on the CPU interpreter")
 # One 64-column lane per warpgroup tile (an odd count: a tile's first lane follows the previous tile's last) and
 # three, over several tiles per program.
 @pytest.mark.parametrize("tile_n, split", [(64, "n"), (192, "m")])
