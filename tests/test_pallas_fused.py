@@ -14,10 +14,22 @@ from hypothesis import strategies as st
 from meteora_jax.lora_mixture import gated_output, lora_mixture, mixture_loop
 from meteora_jax.meteora import MeteoraConfig, MeteoraDense
 from meteora_jax.pallas.fused_linear import fused_linear
-from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add, missed_add_reference, missed_token_list
+from meteora_jax.pallas.missed_add import (
+    MissedAddBlockSizes,
+    missed_add,
+    missed_add_reference,
+    missed_expand_add,
+    missed_token_list,
+)
 from meteora_jax.pallas.routed_gemm import RoutedGemmBlockSizes, routed_gemm, routed_gemm_reference
 from meteora_jax.pallas.tile_routing import slot_count, tile_slots
-from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink, tile_shrink_reference
+from meteora_jax.pallas.tile_shrink import (
+    MissedChoices,
+    TileShrinkBlockSizes,
+    tile_shrink,
+    tile_shrink_reference,
+    tile_shrink_with_misses,
+)
 from meteora_jax.routing import Routing
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -148,6 +160,62 @@ def test_tile_shrink_gradients_match_reference():
     refs = jax.grad(loss, argnums=(1, 2, 3))(lambda x, a, c: tile_shrink_reference(x, a, adapters, c), x, a, coef)
     for name, g, ref, dtype in zip(("x", "lora_a", "coef"), grads, refs, (jnp.bfloat16, jnp.bfloat16, jnp.float32)):
         assert g.dtype == dtype and rel_error(g, ref) < 1e-2, name
+
+
+# 4 and 8 programs (one and two splits of 4 blocks) walk 20-odd listed tokens of two tiles; rank 12 pads its lanes.
+@pytest.mark.parametrize("rank, splits", [(8, 1), (8, 2), (12, 1)])
+def test_tile_shrink_with_misses_adds_the_missed_pairs_shrink(rank, splits):
+    rng = np.random.default_rng(10 + rank + splits)
+    t, i, o, n, tile = 128, 64, 128, 10, 64
+    slots = 64 // rank
+    x, a = normal(rng, (t, i)), normal(rng, (n, i, rank))
+    b, y = normal(rng, (n, rank, o)), normal(rng, (t, o))
+    adapters = jnp.asarray(rng.integers(0, n, (t // tile, slots)), jnp.int32)
+    coef = jnp.asarray(rng.standard_normal((t, slots)), jnp.float32)
+    indices = jnp.asarray(rng.integers(0, n, (t, 2)), jnp.int32)
+    missed = jnp.asarray(rng.standard_normal((t, 2)) * (rng.random((t, 2)) < 0.15), jnp.float32)
+    missed = missed.at[70].set(jnp.asarray([0.5, -2.0]))  # both choices of one token missed
+    misses = MissedChoices(indices, missed, *missed_token_list(missed, tile))
+    blocks = TileShrinkBlockSizes(block_tokens=32, block_in=32, splits=splits)
+    h, h_missed = tile_shrink_with_misses(x, a, adapters, coef, misses, tile_tokens=tile, missed_block_in=16,
+                                          blocks=blocks, interpret=INTERPRET)
+    np.testing.assert_array_equal(h, tile_shrink(x, a, adapters, coef, tile_tokens=tile, blocks=blocks,
+                                                 interpret=INTERPRET))
+    pairs = np.nonzero(np.asarray(missed))
+    ref = (missed[..., None] * jnp.einsum("TI,TKIR->TKR", x.astype(jnp.float32), a[indices].astype(jnp.float32)))
+    assert rel_error(h_missed[pairs][:, :rank], ref[pairs]) < 1e-5
+    # The expand pass takes them as its own shrink pass would have written them.
+    expand_blocks = MissedAddBlockSizes(programs=4, expand_programs=3, span_out=64, block_in=32, block_out=32)
+    added = missed_expand_add(b, indices, missed, h_missed, y, misses[2:], blocks=expand_blocks, interpret=INTERPRET)
+    assert rel_error(added - y, missed_add_reference(x, a, b, indices, missed, y) - y) < 1e-2
+    with pytest.raises(ValueError, match=r"h \(128, 2, 8\) must be \(128, 2, 16\)"):
+        missed_expand_add(b, indices, missed, h_missed[..., :8], y, misses[2:], blocks=expand_blocks, interpret=True)
+
+
+def test_tile_shrink_with_misses_gives_h_gradients_and_none_to_the_missed_pairs():
+    rng = np.random.default_rng(9)
+    t, i, n, rank, tile = 128, 32, 4, 16, 64
+    x, a = normal(rng, (t, i)), normal(rng, (n, i, rank))
+    adapters = jnp.asarray([[0, 2, 3, 1], [3, 0, 1, 2]], jnp.int32)
+    coef = jnp.asarray(rng.standard_normal((t, 4)), jnp.float32)
+    missed = jnp.zeros((t, 2), jnp.float32).at[5, 1].set(1.0)
+    misses = MissedChoices(jnp.zeros((t, 2), jnp.int32), missed, *missed_token_list(missed, tile))
+    cotangent = jnp.asarray(rng.standard_normal((t, 64)), jnp.float32)
+    blocks = TileShrinkBlockSizes(block_tokens=32, block_in=16)
+
+    def loss(x, coef, with_misses):
+        if not with_misses:
+            return jnp.sum(tile_shrink(x, a, adapters, coef, tile_tokens=tile, blocks=blocks,
+                                       interpret=INTERPRET).astype(jnp.float32) * cotangent)
+        h, h_missed = tile_shrink_with_misses(x, a, adapters, coef, misses, tile_tokens=tile, missed_block_in=16,
+                                              blocks=blocks, interpret=INTERPRET)
+        return jnp.sum(h.astype(jnp.float32) * cotangent) + jnp.sum(h_missed[5, 1])
+
+    for g, ref in zip(jax.grad(loss, argnums=(0, 1))(x, coef, True), jax.grad(loss, argnums=(0, 1))(x, coef, False)):
+        np.testing.assert_array_equal(g, ref)
+    with pytest.raises(ValueError, match=r"per_tile \(3,\), tokens \(128,\)\) must be .* \[2\] and \[128\]"):
+        tile_shrink_with_misses(x, a, adapters, coef, misses._replace(per_tile=jnp.zeros(3, jnp.int32)),
+                                tile_tokens=tile, missed_block_in=16, blocks=blocks, interpret=True)
 
 
 def test_tile_slots_keep_most_chosen_adapters_and_mark_misses():

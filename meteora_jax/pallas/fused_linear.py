@@ -4,8 +4,9 @@ Per tile of neighbouring tokens the routing keeps its U = 64 // r most chosen ad
 h [T, 64] holds each token's x A for each slot's adapter times its routing coefficient (zero for slots it did not
 choose; columns past U r zero); the GEMM gathers the slots' B rows, B_tile [64, O] per tile, and adds h @ B_tile
 in its epilogue. A token choice whose adapter missed its tile's slots (a tile spanning more than U adapters) is added
-afterwards, per token, by meteora_jax/pallas/missed_add.py, whose programs walk the routing kernel's list of the
-tokens with a miss; meteora_jax/pallas/pair_grads.py gives their gradients.
+afterwards, per token, by meteora_jax/pallas/missed_add.py's two passes, whose programs walk the routing kernel's
+list of the tokens with a miss; the first runs in the shrink's launch (tile_shrink_with_misses).
+meteora_jax/pallas/pair_grads.py gives their gradients.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add
+from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_expand_add
 from meteora_jax.pallas.pair_grads import PAIR_PROGRAMS, pair_adapter_grads, pair_input_grads
 from meteora_jax.pallas.routed_gemm import LANE, SLOT_ROW_GROUP, RoutedGemmBlockSizes, routed_gemm
 from meteora_jax.pallas.tile_routing import route_tiles, slot_count
-from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink
+from meteora_jax.pallas.tile_shrink import MissedChoices, TileShrinkBlockSizes, tile_shrink_with_misses
 
 
 def fused_linear(x, w, lora_a, lora_b, scaling, indices, weights, *,
@@ -52,11 +53,13 @@ def fused_linear(x, w, lora_a, lora_b, scaling, indices, weights, *,
     routing = route_tiles(indices, weights, scaling, tile_tokens=blocks.tile_tokens, slots=slot_count(r),
                           interpret=interpret)
     shrink_blocks = TileShrinkBlockSizes(block_tokens=math.gcd(blocks.tile_tokens, TileShrinkBlockSizes.block_tokens))
-    h = tile_shrink(x, lora_a, routing.adapters, routing.per_slot, tile_tokens=blocks.tile_tokens, blocks=shrink_blocks,
-                    interpret=interpret)
+    misses = MissedChoices(indices, routing.missed, routing.tile_misses, routing.missed_tokens)
+    h, h_missed = tile_shrink_with_misses(x, lora_a, routing.adapters, routing.per_slot, misses,
+                                          tile_tokens=blocks.tile_tokens, blocks=shrink_blocks,
+                                          missed_block_in=_missed_blocks(x, w).block_in, interpret=interpret)
     y = routed_gemm(x, w, h, *_slot_bank(lora_b, routing.adapters), blocks=blocks, interpret=interpret)
     listed = (routing.tile_misses, routing.missed_tokens)
-    return _add_missed(x, y, lora_a, lora_b, indices, routing.missed, listed, interpret)[:t]
+    return _add_missed(x, y, lora_a, lora_b, indices, routing.missed, listed, h_missed, interpret)[:t]
 
 
 def _slot_bank(lora_b, adapters):
@@ -71,23 +74,26 @@ def _slot_bank(lora_b, adapters):
     return jnp.pad(b_tile, ((0, 0), (0, LANE - slots * r), (0, 0))), jnp.arange(tiles, dtype=jnp.int32)[:, None]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _add_missed(x, y, lora_a, lora_b, indices, missed, listed, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _add_missed(x, y, lora_a, lora_b, indices, missed, listed, h_missed, interpret):
     """y plus the choices that missed their tile's slots (`missed`: their coefficients, zero elsewhere; `listed`:
-    the tokens with one, as the routing kernel lists them)."""
-    return missed_add(x, lora_a, lora_b, indices, missed, y, listed, blocks=_missed_blocks(x, y), interpret=interpret)
+    the tokens with one, as the routing kernel lists them; h_missed: their c x A, from the shrink's launch)."""
+    return missed_expand_add(lora_b, indices, missed, h_missed, y, listed, blocks=_missed_blocks(x, y),
+                             interpret=interpret)
 
 
 def _missed_blocks(x, y):
+    """For x [T, I] and any [., O]: the miss passes' blocks."""
     i, o = x.shape[1], y.shape[1]
     return MissedAddBlockSizes(block_in=math.gcd(i, MissedAddBlockSizes.block_in),
                                span_out=math.gcd(o, MissedAddBlockSizes.span_out),
                                block_out=math.gcd(o, MissedAddBlockSizes.block_out))
 
 
-def _add_missed_forward(x, y, lora_a, lora_b, indices, missed, listed, interpret):
+def _add_missed_forward(x, y, lora_a, lora_b, indices, missed, listed, h_missed, interpret):
     # y passes straight through (its cotangent is g), so it is no residual: one [T, O] buffer less to keep.
-    return _add_missed(x, y, lora_a, lora_b, indices, missed, listed, interpret), (x, lora_a, lora_b, indices, missed)
+    out = _add_missed(x, y, lora_a, lora_b, indices, missed, listed, h_missed, interpret)
+    return out, (x, lora_a, lora_b, indices, missed)
 
 
 def _add_missed_backward(interpret, residuals, g):
@@ -98,7 +104,7 @@ def _add_missed_backward(interpret, residuals, g):
     blocks = dataclasses.replace(_missed_blocks(x, g), programs=PAIR_PROGRAMS)
     dx, dmissed = pair_input_grads(x, lora_a, lora_b, indices, missed, g, blocks=blocks, interpret=interpret)
     da, db = pair_adapter_grads(x, lora_a, lora_b, indices, missed, g)
-    return dx, g, da, db, None, dmissed, None
+    return dx, g, da, db, None, dmissed, None, None
 
 
 _add_missed.defvjp(_add_missed_forward, _add_missed_backward)

@@ -55,25 +55,31 @@ def missed_add_reference(x, lora_a, lora_b, indices, coef, y):
     return (y.astype(jnp.float32) + lora_gather_reference(x, lora_a, lora_b, indices, coef)).astype(y.dtype)
 
 
+def shrink_missed_choice(t, j, idx_ref, coef_ref, x_ref, a_ref, h_ref, *, in_features, rank, rank_block,
+                         block_in):
+    """h[t, j] = coef[t, j] x[t] A[idx[t, j]] over every input feature, in float32 (the shrink pass's work for one
+    missed pair; tile_shrink does it too, in its own launch)."""
+    ranks = jnp.arange(rank_block)
+    adapter = idx_ref[t, j]
+
+    def step(s, h):
+        start = s * block_in
+        x = x_ref[t, pl.ds(start, block_in)]
+        a = plt.load(a_ref.at[adapter, pl.ds(start, block_in), pl.ds(0, rank_block)], mask=ranks[None, :] < rank,
+                     other=0)
+        return h + jnp.sum(x.astype(jnp.float32)[:, None] * a.astype(jnp.float32), axis=0)
+
+    h_ref[t, j, :] = coef_ref[t, j] * jax.lax.fori_loop(0, in_features // block_in, step,
+                                                        jnp.zeros((rank_block,), jnp.float32))
+
+
 def _shrink_kernel(per_tile_ref, tokens_ref, idx_ref, coef_ref, x_ref, a_ref, h_ref, *, top_k, tiles, tile_tokens,
                    in_features, rank, rank_block, blocks: MissedAddBlockSizes):
-    ranks = jnp.arange(rank_block)
-
-    def one_choice(t, j):
-        adapter = idx_ref[t, j]
-
-        def step(s, h):
-            start = s * blocks.block_in
-            x = x_ref[t, pl.ds(start, blocks.block_in)]
-            a = plt.load(a_ref.at[adapter, pl.ds(start, blocks.block_in), pl.ds(0, rank_block)],
-                         mask=ranks[None, :] < rank, other=0)
-            return h + jnp.sum(x.astype(jnp.float32)[:, None] * a.astype(jnp.float32), axis=0)
-
-        h_ref[t, j, :] = coef_ref[t, j] * jax.lax.fori_loop(0, in_features // blocks.block_in, step,
-                                                            jnp.zeros((rank_block,), jnp.float32))
-
-    walk_listed_choices(per_tile_ref, tokens_ref, coef_ref, one_choice, programs=blocks.programs, tiles=tiles,
-                        tile_tokens=tile_tokens, top_k=top_k)
+    one_choice = functools.partial(shrink_missed_choice, idx_ref=idx_ref, coef_ref=coef_ref, x_ref=x_ref,
+                                   a_ref=a_ref, h_ref=h_ref, in_features=in_features, rank=rank,
+                                   rank_block=rank_block, block_in=blocks.block_in)
+    walk_listed_choices(listed_counts(per_tile_ref, tiles), tokens_ref, coef_ref, one_choice, first=pl.program_id(0),
+                        programs=blocks.programs, tile_tokens=tile_tokens, top_k=top_k)
 
 
 def _expand_kernel(per_tile_ref, tokens_ref, idx_ref, coef_ref, h_ref, b_ref, y_ref, out_ref, *, top_k, tiles,
@@ -97,8 +103,8 @@ def _expand_kernel(per_tile_ref, tokens_ref, idx_ref, coef_ref, h_ref, b_ref, y_
 
         jax.lax.fori_loop(0, blocks.span_out // blocks.block_out, step, 0)
 
-    walk_listed_choices(per_tile_ref, tokens_ref, coef_ref, one_choice, programs=blocks.expand_programs,
-                        tiles=tiles, tile_tokens=tile_tokens, top_k=top_k)
+    walk_listed_choices(listed_counts(per_tile_ref, tiles), tokens_ref, coef_ref, one_choice, first=pl.program_id(0),
+                        programs=blocks.expand_programs, tile_tokens=tile_tokens, top_k=top_k)
 
 
 def missed_token_list(coef, tile_tokens: int):
@@ -110,13 +116,19 @@ def missed_token_list(coef, tile_tokens: int):
     return jnp.sum(missed, axis=1, dtype=jnp.int32), order.reshape(t).astype(jnp.int32)
 
 
-def walk_listed_choices(per_tile_ref, tokens_ref, coef_ref, one_choice, *, programs: int, tiles: int,
-                        tile_tokens: int, top_k: int):
-    """Calls one_choice(t, j) for every choice j with a nonzero coefficient of the listed tokens t that are this
-    program's: the list's entries program id, + programs, + 2 programs, ... (see missed_token_list)."""
+def listed_counts(per_tile_ref, tiles: int):
+    """The list's per-tile counts (missed_token_list's per_tile) as a vector of at least 16 lanes, zero past the
+    tiles: walk_listed_choices' first operand. Loaded apart from the walk so that a kernel with other work can
+    issue it first and find it there when it walks."""
     lanes = max(pl.next_power_of_2(tiles), 16)
     tile = jnp.arange(lanes)
-    counts = plt.load(per_tile_ref.at[tile], mask=tile < tiles, other=0)
+    return plt.load(per_tile_ref.at[tile], mask=tile < tiles, other=0)
+
+
+def walk_listed_choices(counts, tokens_ref, coef_ref, one_choice, *, first, programs, tile_tokens: int, top_k: int):
+    """Calls one_choice(t, j) for every choice j with a nonzero coefficient of the listed tokens t that are this
+    program's: the list's entries first, first + programs, first + 2 programs, ... (see missed_token_list)."""
+    tile = jnp.arange(counts.shape[0])
     ends = jnp.cumsum(counts)
     total = jnp.sum(counts)
 
@@ -128,7 +140,7 @@ def walk_listed_choices(per_tile_ref, tokens_ref, coef_ref, one_choice, *, progr
             pl.when(coef_ref[t, j] != 0)(functools.partial(one_choice, t, j))
         return entry + programs
 
-    jax.lax.while_loop(lambda entry: entry < total, next_entry, pl.program_id(0))
+    jax.lax.while_loop(lambda entry: entry < total, next_entry, first)
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
@@ -138,42 +150,76 @@ def missed_add(x, lora_a, lora_b, indices, coef, y, listed=None, *,
     as missed_token_list gives them for some tile that divides T (the routing kernel's); None: built here, with
     the tokens as one tile. I must tile by block_in, O by span_out; indices must lie in [0, N). Forward only: its
     gradients are in pair_grads.py."""
+    check_missed_operands(x, lora_a, lora_b, indices, coef, y, blocks)
+    listed = check_listed(missed_token_list(coef, x.shape[0]) if listed is None else listed, x.shape[0])
+    indices, coef = indices.astype(jnp.int32), coef.astype(jnp.float32)
+    r = lora_a.shape[-1]
+    h = pl.pallas_call(
+        functools.partial(_shrink_kernel, in_features=x.shape[1], **_walk_params(r, indices, listed, blocks)),
+        out_shape=jax.ShapeDtypeStruct(missed_shrink_shape(indices, r), jnp.float32),
+        grid=(blocks.programs,),
+        compiler_params=_compiler_params(blocks),
+        interpret=interpret,
+        name="meteora_missed_shrink",
+    )(*listed, indices, coef, x, lora_a)
+    return missed_expand_add(lora_b, indices, coef, h, y, listed, blocks=blocks, interpret=interpret)
+
+
+def missed_expand_add(lora_b, indices, coef, h, y, listed, *, blocks: MissedAddBlockSizes, interpret: bool):
+    """The expand pass alone: y + h[t, j] B[idx[t, j]] for the listed pairs with nonzero coef, h as the shrink
+    pass writes it (shrink_missed_choice, at those pairs only). Operands as checked by missed_add."""
+    r = lora_b.shape[1]
+    if h.shape != missed_shrink_shape(indices, r):
+        raise ValueError(f"h {h.shape} must be {missed_shrink_shape(indices, r)} for indices {indices.shape} at "
+                         f"rank {r}")
+    return pl.pallas_call(
+        functools.partial(_expand_kernel, **_walk_params(r, indices, listed, blocks)),
+        out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
+        grid=(blocks.expand_programs, y.shape[1] // blocks.span_out),
+        input_output_aliases={6: 0},
+        compiler_params=_compiler_params(blocks),
+        interpret=interpret,
+        name="meteora_missed_add",
+    )(*listed, indices.astype(jnp.int32), coef.astype(jnp.float32), h, lora_b, y)
+
+
+def check_missed_operands(x, lora_a, lora_b, indices, coef, y, blocks: MissedAddBlockSizes) -> None:
+    """Readable errors for operands the two passes cannot tile."""
     blocks.check()
     t, i = x.shape
-    n, _, r = lora_a.shape
     o = lora_b.shape[-1]
     if y.shape != (t, o) or indices.shape != coef.shape or indices.shape[0] != t:
         raise ValueError(f"shape mismatch: x {x.shape}, y {y.shape}, indices {indices.shape}, coef {coef.shape}")
     if i % blocks.block_in or o % blocks.span_out:
         raise ValueError(f"x {x.shape} -> y {y.shape} does not tile by {blocks.block_in} inputs and "
                          f"spans of {blocks.span_out} outputs")
-    per_tile, tokens = missed_token_list(coef, t) if listed is None else listed
+
+
+def check_listed(listed, tokens: int):
+    """The list of missed tokens (per_tile, tokens) as int32, once it is checked to count whole tiles."""
+    per_tile, listed_tokens = listed
     tiles = per_tile.shape[0]
-    if tokens.shape != (t,) or tiles < 1 or t % tiles:
-        raise ValueError(f"the list of missed tokens, per_tile {per_tile.shape} and tokens {tokens.shape}, must "
-                         f"count whole tiles of the {t} tokens and list each once")
-    top_k = indices.shape[1]
-    rank_block = max(pl.next_power_of_2(r), 16)
-    listed = (per_tile.astype(jnp.int32), tokens.astype(jnp.int32))
-    indices, coef = indices.astype(jnp.int32), coef.astype(jnp.float32)
-    params = plt.CompilerParams(num_warps=blocks.num_warps, num_stages=2)
-    shared = dict(top_k=top_k, tiles=tiles, tile_tokens=t // tiles, rank=r, rank_block=rank_block, blocks=blocks)
+    if listed_tokens.shape != (tokens,) or tiles < 1 or tokens % tiles:
+        raise ValueError(f"the list of missed tokens, per_tile {per_tile.shape} and tokens {listed_tokens.shape}, "
+                         f"must count whole tiles of the {tokens} tokens and list each once")
+    return per_tile.astype(jnp.int32), listed_tokens.astype(jnp.int32)
 
-    h = pl.pallas_call(
-        functools.partial(_shrink_kernel, in_features=i, **shared),
-        out_shape=jax.ShapeDtypeStruct((t, top_k, rank_block), jnp.float32),  # written at the missed pairs only
-        grid=(blocks.programs,),
-        compiler_params=params,
-        interpret=interpret,
-        name="meteora_missed_shrink",
-    )(*listed, indices, coef, x, lora_a)
 
-    return pl.pallas_call(
-        functools.partial(_expand_kernel, **shared),
-        out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
-        grid=(blocks.expand_programs, o // blocks.span_out),
-        input_output_aliases={6: 0},
-        compiler_params=params,
-        interpret=interpret,
-        name="meteora_missed_add",
-    )(*listed, indices, coef, h, lora_b, y)
+def missed_shrink_shape(indices, rank: int) -> tuple[int, int, int]:
+    """The shrink pass's h: [T, K, rank lanes] float32, written at the missed pairs only."""
+    return (*indices.shape, missed_rank_lanes(rank))
+
+
+def missed_rank_lanes(rank: int) -> int:
+    return max(pl.next_power_of_2(rank), 16)
+
+
+def _walk_params(rank: int, indices, listed, blocks: MissedAddBlockSizes):
+    t, top_k = indices.shape
+    tiles = listed[0].shape[0]
+    return dict(top_k=top_k, tiles=tiles, tile_tokens=t // tiles, rank=rank, rank_block=missed_rank_lanes(rank),
+                blocks=blocks)
+
+
+def _compiler_params(blocks: MissedAddBlockSizes):
+    return plt.CompilerParams(num_warps=blocks.num_warps, num_stages=2)
