@@ -216,6 +216,10 @@ def test_tile_shrink_with_misses_gives_h_gradients_and_none_to_the_missed_pairs(
     with pytest.raises(ValueError, match=r"per_tile \(3,\), tokens \(128,\)\) must be .* \[2\] and \[128\]"):
         tile_shrink_with_misses(x, a, adapters, coef, misses._replace(per_tile=jnp.zeros(3, jnp.int32)),
                                 tile_tokens=tile, missed_block_in=16, blocks=blocks, interpret=True)
+    for block_in in (8, 24, 64):  # below Triton's tile rule, no power of two, past the 32 input features
+        with pytest.raises(ValueError, match=f"missed_block_in={block_in} must be a power of two >= 16 that divides"):
+            tile_shrink_with_misses(x, a, adapters, coef, misses, tile_tokens=tile, missed_block_in=block_in,
+                                    blocks=blocks, interpret=True)
 
 
 def test_tile_slots_keep_most_chosen_adapters_and_mark_misses():

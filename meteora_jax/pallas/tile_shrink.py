@@ -164,16 +164,19 @@ def tile_shrink_with_misses(x, lora_a, adapters, coef, misses: MissedChoices, *,
                             interpret: bool = False):
     """(h as tile_shrink gives it, h_missed [T, K, lanes] float32: missed_add's shrink pass, c x A at the missed
     pairs, unwritten elsewhere, for missed_add.missed_expand_add), in one launch. The list counts tiles of
-    tile_tokens; missed_block_in must divide I. h_missed carries no gradient: the miss path's come from its
-    pairs (pair_grads.py)."""
+    tile_tokens; missed_block_in (the miss pass's input features per step) must be a power of two >= 16 that
+    divides I. h_missed carries no gradient: the miss path's come from its pairs (pair_grads.py)."""
     _check_shapes(x, lora_a, adapters, coef, tile_tokens, blocks)
     t, i = x.shape
     if misses.indices.shape != misses.coef.shape or misses.indices.shape[0] != t or misses.tokens.shape != (t,) \
-            or misses.per_tile.shape != (t // tile_tokens,) or i % missed_block_in:
+            or misses.per_tile.shape != (t // tile_tokens,):
         raise ValueError(f"the missed choices (indices {misses.indices.shape}, coef {misses.coef.shape}, per_tile "
                          f"{misses.per_tile.shape}, tokens {misses.tokens.shape}) must be [{t}, K], [{t}, K], "
-                         f"[{t // tile_tokens}] and [{t}] for x {x.shape}, and missed_block_in={missed_block_in} "
-                         f"must divide {i}")
+                         f"[{t // tile_tokens}] and [{t}] for x {x.shape}")
+    # The miss pass's steps load [missed_block_in, lanes] tiles: Triton's tile rule, as MissedAddBlockSizes.block_in.
+    if missed_block_in < 16 or missed_block_in & (missed_block_in - 1) or i % missed_block_in:
+        raise ValueError(f"missed_block_in={missed_block_in} must be a power of two >= 16 that divides the {i} "
+                         "input features")
     misses = MissedChoices(misses.indices.astype(jnp.int32), misses.coef.astype(jnp.float32),
                            misses.per_tile.astype(jnp.int32), misses.tokens.astype(jnp.int32))
     h, h_missed = _differentiable(x, lora_a, adapters.astype(jnp.int32), coef.astype(jnp.float32), misses,
