@@ -99,8 +99,18 @@ def test_routed_gemm_rejects_bad_operands():
         routed_gemm(x, w, h, b_tile[:, :12], jnp.zeros((1, 5), jnp.int32), blocks=SMALL_GEMM, interpret=True)
     with pytest.raises(ValueError, match="must all be bfloat16"):
         routed_gemm(x.astype(jnp.float32), w, h, b_tile, one_slot, blocks=SMALL_GEMM, interpret=True)
+    with pytest.raises(ValueError, match=r"x \(64,\) and w \(64, 128\) must be matrices"):
+        routed_gemm(x[0], w, h, b_tile, one_slot, blocks=SMALL_GEMM, interpret=True)
+    with pytest.raises(ValueError, match="got float32 slots into a bank"):
+        routed_gemm(x, w, h, b_tile, one_slot.astype(jnp.float32), blocks=SMALL_GEMM, interpret=True)
+    with pytest.raises(ValueError, match=r"bank of at least one entry; got int32 slots into a bank \(0, 64, 128\)"):
+        routed_gemm(x, w, h, b_tile[:0], one_slot, blocks=SMALL_GEMM, interpret=True)
+    empty = routed_gemm(x[:0], w, h[:0], b_tile, one_slot[:0], blocks=SMALL_GEMM, interpret=True)
+    assert empty.shape == (0, 128) and empty.dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="tile_n=96 must be a multiple of 64"):
         RoutedGemmBlockSizes(tile_n=96)
+    with pytest.raises(ValueError, match="tile_n=320 must be at most 256, one wgmma's widest output"):
+        RoutedGemmBlockSizes(tile_n=320, stages=2)
     with pytest.raises(ValueError, match="split='k'"):
         RoutedGemmBlockSizes(split="k")
     with pytest.raises(ValueError, match="needs 278528 bytes of shared memory; a Hopper program has 232448"):

@@ -44,6 +44,8 @@ INTERPRET_PROGRAMS = 2
 OUTPUT_BUFFERS = 2
 # An H100 program's shared memory (227 KiB).
 SHARED_MEMORY_BYTES = 227 * 1024
+# wgmma's widest output tile: one instruction's N.
+MAX_TILE_N = 256
 # planar_snake's minor dimension: bands of output tiles (the example's best order at 16384 tokens).
 SNAKE_ALONG_OUTPUTS = 1
 
@@ -67,6 +69,9 @@ class RoutedGemmBlockSizes:
             value = getattr(self, name)
             if value < LANE or value % LANE:
                 raise ValueError(f"{name}={value} must be a multiple of {LANE}")
+        # The interpreter runs wider tiles; Mosaic GPU's lowering of one wgmma rejects them.
+        if self.tile_n > MAX_TILE_N:
+            raise ValueError(f"tile_n={self.tile_n} must be at most {MAX_TILE_N}, one wgmma's widest output")
         if self.split not in ("m", "n"):
             raise ValueError(f"split={self.split!r} must be 'm' or 'n'")
         if self.stages < 2 or self.grid_tile_width < 1:
@@ -114,6 +119,8 @@ def routed_gemm_reference(x, w, h, bank, slots):
 
 def check_shapes(x, w, h, bank, slots, blocks: RoutedGemmBlockSizes) -> None:
     """Readable errors for operands the kernel cannot tile."""
+    if x.ndim != 2 or w.ndim != 2:
+        raise ValueError(f"x {x.shape} and w {w.shape} must be matrices [T, I] and [I, O]")
     t, i = x.shape
     if w.shape[0] != i:
         raise ValueError(f"x {x.shape} and w {w.shape} disagree on the input features")
@@ -130,6 +137,9 @@ def check_shapes(x, w, h, bank, slots, blocks: RoutedGemmBlockSizes) -> None:
     if rows == 0 or LANE % rows or rows % SLOT_ROW_GROUP or slots.shape != (tiles, LANE // rows):
         raise ValueError(f"slots {slots.shape} must be [{tiles}, 64 // rows] with the bank's rows ({rows}) a multiple "
                          f"of {SLOT_ROW_GROUP} that divides 64")
+    if not jnp.issubdtype(slots.dtype, jnp.integer) or bank.shape[0] == 0:
+        raise ValueError(f"slots must be integers into a bank of at least one entry; got {slots.dtype} slots into a "
+                         f"bank {bank.shape}")
     if len({x.dtype, w.dtype, h.dtype, bank.dtype}) != 1 or x.dtype != jnp.bfloat16:
         dtypes = ", ".join(str(v.dtype) for v in (x, w, h, bank))
         raise ValueError(f"x, w, h and the bank must all be bfloat16; got {dtypes}")
@@ -271,8 +281,12 @@ def routed_gemm(x, w, h, bank, slots, *, blocks: RoutedGemmBlockSizes = RoutedGe
     x [T, I], w [I, O], h [T, 64]; bank [M, rows, O] and slots [T // blocks.tile_tokens, 64 // rows] in [0, M):
     tile g's B_tile is bank[slots[g]] stacked (`slot_rows`); rows must be a multiple of 8 dividing 64 (the
     adapters' B at r = 8, 16, 32 or 64; other ranks pass their gathered B_tile as a bank of one slot per tile).
-    T, O and I must tile by blocks.tile_tokens, blocks.tile_outputs and blocks.tile_k."""
+    T, O and I must tile by blocks.tile_tokens, blocks.tile_outputs and blocks.tile_k. Slots outside [0, M) are not
+    checked (their values live on the device): the reference clamps them, the GPU's bulk copies would fill a slot
+    past the bank with zeros."""
     check_shapes(x, w, h, bank, slots, blocks)
+    if x.shape[0] == 0 or w.shape[1] == 0:
+        return jnp.zeros((x.shape[0], w.shape[1]), x.dtype)
     if not interpret and not on_hopper():
         device = jax.devices()[0]
         found = f"{device.device_kind} (compute capability {getattr(device, 'compute_capability', 'none')})"
