@@ -83,6 +83,23 @@ def test_routed_gemm_matches_reference_interpreted(split, rows, bank_size):
     assert rel_error(delta_only, expected) < 4e-3  # each tile's own slots, in order
 
 
+# The persistent programs' shares of 6 tiles: 4 programs take 2, 2, 1 and 1 (the copy warpgroup's last waits then
+# differ by program), 8 leave two programs with none; 3 stages outnumber a one-step K loop's steps per tile.
+@pytest.mark.parametrize("programs, stages, inputs", [(4, 2, 128), (8, 3, 64)])
+def test_routed_gemm_programs_with_unequal_or_no_tiles(programs, stages, inputs, monkeypatch):
+    routed = importlib.import_module("meteora_jax.pallas.routed_gemm")
+    monkeypatch.setattr(routed, "program_count", lambda interpret: programs)
+    blocks = RoutedGemmBlockSizes(tile_m=64, tile_n=64, stages=stages, split="n", grid_tile_width=2)
+    rng = np.random.default_rng(programs)
+    t, o = 3 * blocks.tile_tokens, 2 * blocks.tile_outputs
+    x, w, h = normal(rng, (t, inputs)), normal(rng, (inputs, o), inputs**-0.5), normal(rng, (t, 64))
+    bank = normal(rng, (4, 8, o), 0.125)
+    slots = jnp.asarray(rng.integers(0, 4, (3, 8)), jnp.int32)
+    ours = routed_gemm(x, w, h, bank, slots, blocks=blocks, interpret=INTERPRET)
+    f32 = [v.astype(jnp.float32) for v in (x, w, h, bank)]
+    assert rel_error(ours, routed_gemm_reference(*f32, slots)) < 4e-3
+
+
 def test_routed_gemm_rejects_bad_operands():
     rng = np.random.default_rng(1)
     x, w, h, b_tile = normal(rng, (64, 64)), normal(rng, (64, 128)), normal(rng, (64, 64)), normal(rng, (1, 64, 128))
