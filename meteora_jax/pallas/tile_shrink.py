@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from meteora_jax.pallas.block_sizes import check_powers_of_two
+from meteora_jax.pallas.block_sizes import check_powers_of_two, is_tile_size
 from meteora_jax.pallas.missed_add import (
     listed_counts,
     missed_rank_lanes,
@@ -173,8 +173,8 @@ def tile_shrink_with_misses(x, lora_a, adapters, coef, misses: MissedChoices, *,
         raise ValueError(f"the missed choices (indices {misses.indices.shape}, coef {misses.coef.shape}, per_tile "
                          f"{misses.per_tile.shape}, tokens {misses.tokens.shape}) must be [{t}, K], [{t}, K], "
                          f"[{t // tile_tokens}] and [{t}] for x {x.shape}")
-    # The miss pass's steps load [missed_block_in, lanes] tiles: Triton's tile rule, as MissedAddBlockSizes.block_in.
-    if missed_block_in < 16 or missed_block_in & (missed_block_in - 1) or i % missed_block_in:
+    # The miss pass's steps load [missed_block_in, lanes] tiles, as MissedAddBlockSizes.block_in.
+    if not is_tile_size(missed_block_in) or i % missed_block_in:
         raise ValueError(f"missed_block_in={missed_block_in} must be a power of two >= 16 that divides the {i} "
                          "input features")
     misses = MissedChoices(misses.indices.astype(jnp.int32), misses.coef.astype(jnp.float32),
