@@ -345,6 +345,25 @@ def test_fused_linear_matches_loop_with_gradients(case, r):
         assert rel_error(g, ref) < 2e-2, name
 
 
+def test_fused_runs_the_adapters_gradient_kernel_only_where_they_train():
+    """Gate training differentiates x and the routing weights alone: the miss path's backward then leaves out the
+    kernel of the adapters' gradients, which LoRA training needs."""
+    rng = np.random.default_rng(8)
+    x, w, a, b, scaling = layer_operands(rng, 128, 128, 128, 12, 8)
+    indices, weights = runs_of_adapters(rng, 128, 12, run=1)
+
+    def loss(x, weights, a, b):
+        y = fused_linear(x, w, a, b, scaling, indices, weights, blocks=SMALL_GEMM, interpret=INTERPRET)
+        return jnp.sum(y.astype(jnp.float32))
+
+    def kernels(argnums):
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=argnums))(x, weights, a, b))
+        return {name for name in ("meteora_pair_grads", "meteora_pair_adapter_grads") if name in jaxpr}
+
+    assert kernels((0, 1)) == {"meteora_pair_grads"}
+    assert kernels((0, 1, 2, 3)) == kernels((3,)) == {"meteora_pair_grads", "meteora_pair_adapter_grads"}
+
+
 def test_fused_linear_names_the_callers_shapes():
     rng = np.random.default_rng(11)
     x, w, a, b, scaling = layer_operands(rng, 100, 64, 128, 4, 8)

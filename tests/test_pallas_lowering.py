@@ -18,6 +18,7 @@ from meteora_jax.pallas.dense_expand import dense_expand_add
 from meteora_jax.pallas.fused_linear import fused_linear
 from meteora_jax.pallas.gate_shares import gate_shares_matmul
 from meteora_jax.pallas.mixture import mixture_pallas
+from meteora_jax.pallas.pair_grads import pair_adapter_grads
 from meteora_jax.pallas.route_tokens import route_tokens
 from meteora_jax.pallas.tile_routing import route_tiles
 from meteora_jax.pallas.tile_shrink import TileShrinkBlockSizes, tile_shrink
@@ -82,6 +83,9 @@ CASES = {
     "fused (tile routing, tile shrink with the missed shrink, routed GEMM, missed add)": (
         forward_and_backward(fused), (spec((256, IN)), spec((IN, OUT)), *mixture_operands(256)[1:]),
         {"meteora_route_tiles", "meteora_tile_shrink", "mosaic_gpu", "meteora_missed_add", "meteora_pair_grads"}),
+    "the missed pairs' adapter gradients (atomic adds)": (
+        pair_adapter_grads, (spec((256, IN)), *mixture_operands(256)[1:3], spec((256, 2), jnp.int32),
+                             spec((256, 2), jnp.float32), spec((256, OUT))), {"meteora_pair_adapter_grads"}),
     "tile routing with votes counted pairwise (N > 256)": (
         lambda indices, weights, scaling: route_tiles(indices, weights, scaling, tile_tokens=128, slots=8),
         (spec((256, 2), jnp.int32), spec((256, 2), jnp.float32), spec((300,), jnp.float32)), {"meteora_route_tiles"}),

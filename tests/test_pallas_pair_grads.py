@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add_reference
+from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add_reference, missed_token_list
 from meteora_jax.pallas.pair_grads import pair_adapter_grads, pair_input_grads, pair_input_grads_reference
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -62,25 +62,68 @@ def test_mismatched_shapes_name_the_operands():
         pair_input_grads(x, a, b, indices, coef, g[:, :79], interpret=True)
 
 
-@pytest.mark.parametrize("share", [0.0, 0.05, 0.6])  # 0.6: 360 of 600 pairs, two steps of the loop
-def test_adapter_grads_match_reference_over_the_nonzero_pairs(share):
-    x, a, b, indices, coef, g = pairs(share)
-    ours = pair_adapter_grads(x, a, b, indices, coef, g)
+def adapter_grads_reference(x, a, b, indices, coef, g):
     _, vjp = jax.vjp(lambda a, b: missed_add_reference(x, a, b, indices, coef, jnp.zeros(g.shape)), a, b)
-    for name, got, ref in zip(("lora_a", "lora_b"), ours, vjp(g)):
+    return vjp(g.astype(jnp.float32))
+
+
+# r = 6: the gradients' rank lanes padded to 8; 7 programs over 300 tokens, 64 with most of them idle
+@pytest.mark.parametrize("share, r, programs", [(0.0, 4, 7), (0.05, 4, 1), (0.05, 6, 64), (0.6, 4, 7), (0.6, 6, 7)])
+def test_adapter_grads_match_reference_over_the_nonzero_pairs(share, r, programs):
+    x, a, b, indices, coef, g = pairs(share, r=r)
+    blocks = MissedAddBlockSizes(programs=programs, block_in=16, block_out=16)
+    ours = pair_adapter_grads(x, a, b, indices, coef, g, blocks=blocks, interpret=not ON_GPU)
+    for name, got, ref in zip(("lora_a", "lora_b"), ours, adapter_grads_reference(x, a, b, indices, coef, g)):
+        assert got.shape == ref.shape and got.dtype == ref.dtype, name
         if share:
             assert rel_error(got, ref) < 1e-5, name
         else:
             np.testing.assert_array_equal(got, 0)
 
 
+def test_both_kernels_walk_the_routing_kernel_s_list():
+    """Given the list of missed tokens per tile, as fused passes it: the same gradients as the references."""
+    x, a, b, indices, coef, g = pairs(0.1, t=256)
+    listed = missed_token_list(coef, 64)
+    dx, dcoef = pair_input_grads(x, a, b, indices, coef, g, listed, interpret=not ON_GPU)
+    ref_dx, ref_dcoef = pair_input_grads_reference(x, a, b, indices, coef, g)
+    assert rel_error(dx, ref_dx) < 1e-5
+    visited = np.asarray(coef != 0)
+    np.testing.assert_allclose(np.asarray(dcoef)[visited], np.asarray(ref_dcoef)[visited], rtol=1e-4, atol=1e-4)
+    ours = pair_adapter_grads(x, a, b, indices, coef, g, listed, interpret=not ON_GPU)
+    for got, ref in zip(ours, adapter_grads_reference(x, a, b, indices, coef, g)):
+        assert rel_error(got, ref) < 1e-5
+
+
+def test_no_tokens_give_zero_gradients():
+    x, a, b, indices, coef, g = (v[:0] if v.ndim == 2 else v for v in pairs(0.1, i=48, o=80))
+    dx, dcoef = pair_input_grads(x, a, b, indices, coef, g, interpret=True)
+    da, db = pair_adapter_grads(x, a, b, indices, coef, g, interpret=True)
+    assert dx.shape == (0, 48) and dcoef.shape == (0, 2)
+    np.testing.assert_array_equal(da, 0)
+    np.testing.assert_array_equal(db, 0)
+    assert da.shape == a.shape and db.shape == b.shape
+
+
+def test_adapter_grads_name_what_they_cannot_take():
+    x, a, b, indices, coef, g = pairs(0.1)
+    with pytest.raises(ValueError, match=r"shape mismatch: x \(300, 48\).*lora_b \(5, 3, 80\)"):
+        pair_adapter_grads(x, a, b[:, :3], indices, coef, g, interpret=True)
+    with pytest.raises(ValueError, match=r"x \(300, 40\) and g \(300, 80\): .* multiples of 16"):
+        pair_adapter_grads(x[:, :40], a[:, :40], b, indices, coef, g, interpret=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="full-size kernel tests need a GPU")
 @pytest.mark.parametrize("t, i, o, programs", [(4096, 4096, 4096, 4096), (4096, 576, 1536, 256)])
-def test_full_size_on_gpu(t, i, o, programs):  # 576: edge lanes at the default blocks; 256: 16 tokens a program
+def test_full_size_on_gpu(t, i, o, programs):  # 4096 programs: more than the ~400 listed tokens; 576: edge lanes
     x, a, b, indices, coef, g = pairs(0.05, t=t, i=i, o=o, n=64, r=8, dtype=jnp.bfloat16)
-    dx, dcoef = pair_input_grads(x, a, b, indices, coef, g, blocks=MissedAddBlockSizes(programs=programs))
+    listed = missed_token_list(coef, 128)  # per 128-token tile, as the routing kernel lists them
+    dx, dcoef = pair_input_grads(x, a, b, indices, coef, g, listed, blocks=MissedAddBlockSizes(programs=programs))
     ref_dx, ref_dcoef = pair_input_grads_reference(x, a, b, indices, coef, g)
     visited = np.asarray(coef != 0)
     assert rel_error(dx, ref_dx) < 1e-2
     assert rel_error(np.asarray(dcoef)[visited], np.asarray(ref_dcoef)[visited]) < 1e-3
+    da, db = pair_adapter_grads(x, a, b, indices, coef, g, listed)
+    for got, ref in zip((da, db), adapter_grads_reference(x, a, b, indices, coef, g)):
+        assert rel_error(got, ref) < 1e-2

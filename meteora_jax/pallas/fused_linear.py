@@ -11,7 +11,6 @@ meteora_jax/pallas/pair_grads.py gives their gradients.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_expand_add
-from meteora_jax.pallas.pair_grads import PAIR_PROGRAMS, pair_adapter_grads, pair_input_grads
+from meteora_jax.pallas.pair_grads import pair_adapter_grads, pair_input_grads
 from meteora_jax.pallas.routed_gemm import LANE, SLOT_ROW_GROUP, RoutedGemmBlockSizes, routed_gemm
 from meteora_jax.pallas.tile_routing import route_tiles, slot_count
 from meteora_jax.pallas.tile_shrink import MissedChoices, TileShrinkBlockSizes, tile_shrink_with_misses
@@ -90,21 +89,29 @@ def _missed_blocks(x, y):
                                block_out=math.gcd(o, MissedAddBlockSizes.block_out))
 
 
-def _add_missed_forward(x, y, lora_a, lora_b, indices, missed, listed, h_missed, interpret):
-    # y passes straight through (its cotangent is g), so it is no residual: one [T, O] buffer less to keep.
+def _add_missed_forward(*operands):
+    # Symbolic zeros: each operand's leaves arrive as CustomVJPPrimal, so the backward knows whether the adapters
+    # are differentiated and runs their gradients' kernel only then. y passes straight through (its cotangent is
+    # g), so it is no residual: one [T, O] buffer less to keep.
+    *primals, interpret = operands
+    x, y, lora_a, lora_b, indices, missed, listed, h_missed = jax.tree.map(lambda p: p.value, primals)
+    adapters_train = primals[2].perturbed or primals[3].perturbed
     out = _add_missed(x, y, lora_a, lora_b, indices, missed, listed, h_missed, interpret)
-    return out, (x, lora_a, lora_b, indices, missed)
+    return out, (x, lora_a, lora_b, indices, missed, listed, adapters_train)
 
 
 def _add_missed_backward(interpret, residuals, g):
     """dmissed is zero where missed is: there the choices are held by their tile's slots (whose gradients come
     through the GEMM's) or have routing weight exactly 0, whose softmax derivative is 0 too (the adapters'
-    scaling, which would need it, never trains)."""
-    x, lora_a, lora_b, indices, missed = residuals
-    blocks = dataclasses.replace(_missed_blocks(x, g), programs=PAIR_PROGRAMS)
-    dx, dmissed = pair_input_grads(x, lora_a, lora_b, indices, missed, g, blocks=blocks, interpret=interpret)
-    da, db = pair_adapter_grads(x, lora_a, lora_b, indices, missed, g)
+    scaling, which would need it, never trains). The adapters' gradients are None (zero) where they are frozen,
+    as in gate training."""
+    x, lora_a, lora_b, indices, missed, listed, adapters_train = residuals
+    blocks = _missed_blocks(x, g)
+    dx, dmissed = pair_input_grads(x, lora_a, lora_b, indices, missed, g, listed, blocks=blocks, interpret=interpret)
+    da = db = None
+    if adapters_train:
+        da, db = pair_adapter_grads(x, lora_a, lora_b, indices, missed, g, listed, blocks=blocks, interpret=interpret)
     return dx, g, da, db, None, dmissed, None, None
 
 
-_add_missed.defvjp(_add_missed_forward, _add_missed_backward)
+_add_missed.defvjp(_add_missed_forward, _add_missed_backward, symbolic_zeros=True)

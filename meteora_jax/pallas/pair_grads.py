@@ -1,19 +1,22 @@
 """Gradients of y += c (x A) B over the (token, choice) pairs of nonzero c, per token: the `fused` strategy's
 misses (meteora_jax/pallas/missed_add.py), a fraction of a percent of the pairs under trained gates.
 
-dx = c (g B^T) A^T and dc = (x A) . (g B^T) come from one kernel whose program p owns tokens p, p + P, ... (a
-program none of whose tokens missed returns at once; missed_add's forward walks a list of the missed tokens
-instead, which only the routing kernel writes). No loop in XLA: a while loop over the pairs, or a conditional,
-would wait on the host for its predicate in every layer's backward (through SmolLM2's `fused` projections such
-loops took a gate step from 88 to 109 ms). Over every pair it is no substitute for XLA's per-pair products, which
-fuse the adapters' gathers: 2.3-2.9x their time at 16384 tokens of 4096 features (bench/NOTES.md). The adapters'
-gradients, wanted only when the adapters train, come from a loop over the pairs.
+Two kernels whose programs walk the routing kernel's list of the tokens with a miss, as missed_add's passes do
+(program p of P takes the list's entries p, p + P, ...; where nothing missed each reads the counts and returns):
+one gives dx = c (g B^T) A^T and dc = (x A) . (g B^T), each token one program's; the other, wanted only when the
+adapters train, adds each pair's c x^T (g B^T) and c (x A)^T g into float32 gradients atomically, since one
+adapter's pairs fall to many programs. No loop in XLA: a while loop over the pairs, or a conditional, would wait
+on the host for its predicate in every layer's backward (through SmolLM2's `fused` projections such loops took a
+gate step from 88 to 109 ms). Over every pair they are no substitute for XLA's per-pair products, which fuse the
+adapters' gathers: 2.3-2.9x their time at 16384 tokens of 4096 features (bench/NOTES.md; the dx kernel then
+walked the tokens program p owned, p, p + P, ..., with 4096 programs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +24,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from meteora_jax.pallas.in_place import add_into
-from meteora_jax.pallas.missed_add import MissedAddBlockSizes, missed_add_reference
-
-# Programs of the pair kernel, which walks its tokens as the one-pass miss kernel did (bench/NOTES.md): 4096 was that
-# kernel's choice, the fastest at 11-25% of the choices missing.
-PAIR_PROGRAMS = 4096
+from meteora_jax.pallas.missed_add import (
+    MissedAddBlockSizes,
+    check_listed,
+    listed_counts,
+    missed_add_reference,
+    missed_token_list,
+    walk_listed_choices,
+)
 
 
 def pair_input_grads_reference(x, lora_a, lora_b, indices, coef, g):
@@ -38,36 +44,23 @@ def pair_input_grads_reference(x, lora_a, lora_b, indices, coef, g):
     return dx.astype(x.dtype), dcoef
 
 
-def token_ownership(programs: int, tokens: int) -> tuple[int, int]:
-    """(programs, at most one per token; owned_block: a power of two >= the tokens a program owns)."""
-    programs = max(min(programs, tokens), 1)
-    return programs, pl.next_power_of_2(pl.cdiv(tokens, programs))
+def _pair_shapes(x, lora_a, lora_b, indices, coef, g) -> tuple[int, int, int, int, int]:
+    """(T, I, N, r, O) once the pair kernels' operands agree."""
+    t, i = x.shape
+    n, _, r = lora_a.shape
+    o = lora_b.shape[-1]
+    if (g.shape != (t, o) or indices.shape != coef.shape or indices.shape[0] != t or lora_a.shape[1] != i
+            or lora_b.shape[:2] != (n, r)):
+        raise ValueError(f"shape mismatch: x {x.shape}, lora_a {lora_a.shape}, lora_b {lora_b.shape}, g {g.shape}, "
+                         f"indices {indices.shape}, coef {coef.shape}")
+    return t, i, n, r, o
 
 
-def walk_missed_choices(coef_ref, one_choice, *, programs: int, tokens: int, top_k: int, owned_block: int):
-    """Calls one_choice(t, j) for every choice j with a nonzero coefficient of every token t that this program
-    owns (t = program id + a multiple of `programs`), token after token."""
-    program = pl.program_id(0)
-    owned = jnp.arange(owned_block)
-    rows = program + owned * programs
-    missed = sum(plt.load(coef_ref.at[rows, jnp.full_like(rows, j)], mask=rows < tokens, other=0) != 0
-                 for j in range(top_k))
-
-    def next_missed(left):
-        first = jnp.min(jnp.where(left > 0, owned, owned_block))
-        t = program + first * programs
-        for j in range(top_k):
-            pl.when(coef_ref[t, j] != 0)(functools.partial(one_choice, t, j))
-        return jnp.where(owned == first, 0, left)
-
-    # Only the owned tokens with a miss, one after the other: a scalar check per owned token would wait on
-    # memory once per token.
-    jax.lax.while_loop(lambda left: jnp.max(left) > 0, next_missed, missed.astype(jnp.int32))
-
-
-def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, g_ref, dx_in_ref, dcoef_in_ref, dx_ref, dcoef_ref, *, top_k,
-            tokens, in_features, out_features, rank, rank_block, owned_block, interpret, blocks: MissedAddBlockSizes):
+def _kernel(per_tile_ref, tokens_ref, idx_ref, coef_ref, x_ref, a_ref, b_ref, g_ref, dx_in_ref, dcoef_in_ref, dx_ref,
+            dcoef_ref, *, top_k, tiles, tile_tokens, in_features, out_features, rank, rank_block, interpret,
+            blocks: MissedAddBlockSizes):
     del dx_in_ref, dcoef_in_ref  # aliased to dx_ref and dcoef_ref
+    counts = listed_counts(per_tile_ref, tiles)
     ranks = jnp.arange(rank_block)
     safe_ranks = jnp.minimum(ranks, rank - 1)[None, :]
 
@@ -101,73 +94,114 @@ def _kernel(idx_ref, coef_ref, x_ref, a_ref, b_ref, g_ref, dx_in_ref, dcoef_in_r
         h = jax.lax.fori_loop(0, steps, shrink_and_add, jnp.zeros((rank_block,), jnp.float32))
         dcoef_ref[t, j] = jnp.sum(h * u)
 
-    walk_missed_choices(coef_ref, one_choice, programs=blocks.programs, tokens=tokens, top_k=top_k,
-                        owned_block=owned_block)
+    walk_listed_choices(counts, tokens_ref, coef_ref, one_choice, first=pl.program_id(0), programs=blocks.programs,
+                        tile_tokens=tile_tokens, top_k=top_k)
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
-def pair_input_grads(x, lora_a, lora_b, indices, coef, g, *,
-                     blocks: MissedAddBlockSizes = MissedAddBlockSizes(programs=PAIR_PROGRAMS),
-                     interpret: bool = False):
+def pair_input_grads(x, lora_a, lora_b, indices, coef, g, listed=None, *,
+                     blocks: MissedAddBlockSizes = MissedAddBlockSizes(), interpret: bool = False):
     """(dx [T, I] in x's dtype, dcoef [T, K] float32) of y += sum_j coef[t, j] (x[t] A[idx]) B[idx] for y's
-    cotangent g [T, O], over the pairs of nonzero coef (zero elsewhere). Any feature counts: block_in and
-    block_out shrink to them (blocks.expand_programs and span_out are not used)."""
-    t, i = x.shape
-    n, _, r = lora_a.shape
-    o = lora_b.shape[-1]
-    if g.shape != (t, o) or indices.shape != coef.shape or indices.shape[0] != t or lora_b.shape[:2] != (n, r):
-        raise ValueError(f"shape mismatch: x {x.shape}, lora_a {lora_a.shape}, lora_b {lora_b.shape}, g {g.shape}, "
-                         f"indices {indices.shape}, coef {coef.shape}")
+    cotangent g [T, O], over the pairs of nonzero coef (zero elsewhere). listed: the tokens with one, (per_tile,
+    tokens) as missed_token_list gives them (None: built here); each is one program's, so dx needs no atomics.
+    Any feature counts: block_in and block_out shrink to them (blocks.expand_programs and span_out are not used)."""
+    t, i, n, r, o = _pair_shapes(x, lora_a, lora_b, indices, coef, g)
     blocks = dataclasses.replace(blocks, block_in=min(blocks.block_in, max(pl.next_power_of_2(i), 16)),
                                  block_out=min(blocks.block_out, max(pl.next_power_of_2(o), 16)))
     blocks.check()
-    programs, owned_block = token_ownership(blocks.programs, t)
-    blocks = dataclasses.replace(blocks, programs=programs)
-    kernel = functools.partial(_kernel, top_k=indices.shape[1], tokens=t, in_features=i, out_features=o, rank=r,
-                               rank_block=max(pl.next_power_of_2(r), 16), owned_block=owned_block,
-                               interpret=interpret, blocks=blocks)
+    if t == 0:
+        return jnp.zeros_like(x), jnp.zeros(coef.shape, jnp.float32)
+    listed = check_listed(missed_token_list(coef, t) if listed is None else listed, t)
+    tiles = listed[0].shape[0]
+    kernel = functools.partial(_kernel, top_k=indices.shape[1], tiles=tiles, tile_tokens=t // tiles, in_features=i,
+                               out_features=o, rank=r, rank_block=max(pl.next_power_of_2(r), 16), interpret=interpret,
+                               blocks=blocks)
+    return _call_over_pairs(kernel, "meteora_pair_grads", (jnp.zeros_like(x), jnp.zeros(coef.shape, jnp.float32)),
+                            listed, indices, coef, x, lora_a, lora_b, g, blocks=blocks, interpret=interpret)
+
+
+def _call_over_pairs(kernel, name: str, zeros, listed, indices, coef, x, lora_a, lora_b, g, *,
+                     blocks: MissedAddBlockSizes, interpret: bool):
+    """A pair kernel on blocks.programs programs, adding into its outputs, which start as `zeros` (two buffers)."""
     return pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(coef.shape, jnp.float32)),
+        out_shape=tuple(jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros),
         grid=(blocks.programs,),
-        input_output_aliases={6: 0, 7: 1},
+        input_output_aliases={8: 0, 9: 1},
         compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=2),
         interpret=interpret,
-        name="meteora_pair_grads",
-    )(indices.astype(jnp.int32), coef.astype(jnp.float32), x, lora_a, lora_b, g.astype(x.dtype), jnp.zeros_like(x),
-      jnp.zeros(coef.shape, jnp.float32))
+        name=name,
+    )(*listed, indices.astype(jnp.int32), coef.astype(jnp.float32), x, lora_a, lora_b, g.astype(x.dtype), *zeros)
 
 
-# Pairs per step of the adapters' gradient loop: its temporaries hold this many pairs' copies of A and B.
-BACKWARD_PAIRS_PER_STEP = 256
+def _adapter_kernel(per_tile_ref, tokens_ref, idx_ref, coef_ref, x_ref, a_ref, b_ref, g_ref, da_in_ref, db_in_ref,
+                    da_ref, db_ref, *, top_k, tiles, tile_tokens, in_features, out_features, rank, rank_lanes,
+                    blocks: MissedAddBlockSizes):
+    del da_in_ref, db_in_ref  # aliased to da_ref and db_ref
+    ranks = jnp.arange(rank_lanes)
+    counts = listed_counts(per_tile_ref, tiles)
+
+    def one_choice(t, j):
+        adapter, c = idx_ref[t, j], coef_ref[t, j]
+
+        def output_block(s):
+            return pl.ds(s * blocks.block_out, blocks.block_out)
+
+        def project(s, u):  # u = g B^T
+            g = g_ref[t, output_block(s)].astype(jnp.float32)
+            b = plt.load(b_ref.at[adapter, pl.ds(0, rank_lanes), output_block(s)], mask=(ranks < rank)[:, None],
+                         other=0)
+            return u + jnp.sum(b.astype(jnp.float32) * g[None, :], axis=1)
+
+        u = jax.lax.fori_loop(0, out_features // blocks.block_out, project, jnp.zeros((rank_lanes,), jnp.float32))
+
+        def shrink_and_add(s, h):  # h = x A, and dA += c x^T u over the same A rows
+            rows = pl.ds(s * blocks.block_in, blocks.block_in)
+            x = x_ref[t, rows].astype(jnp.float32)
+            a = plt.load(a_ref.at[adapter, rows, pl.ds(0, rank_lanes)], mask=(ranks < rank)[None, :], other=0)
+            plt.atomic_add(da_ref, (adapter, rows, slice(None)), (c * x)[:, None] * u[None, :])
+            return h + jnp.sum(x[:, None] * a.astype(jnp.float32), axis=0)
+
+        ch = c * jax.lax.fori_loop(0, in_features // blocks.block_in, shrink_and_add,
+                                   jnp.zeros((rank_lanes,), jnp.float32))
+
+        def expand_add(s, carry):  # dB += c h^T g
+            g = g_ref[t, output_block(s)].astype(jnp.float32)
+            plt.atomic_add(db_ref, (adapter, slice(None), output_block(s)), ch[:, None] * g[None, :])
+            return carry
+
+        jax.lax.fori_loop(0, out_features // blocks.block_out, expand_add, 0)
+
+    walk_listed_choices(counts, tokens_ref, coef_ref, one_choice, first=pl.program_id(0), programs=blocks.programs,
+                        tile_tokens=tile_tokens, top_k=top_k)
 
 
-def pair_adapter_grads(x, lora_a, lora_b, indices, coef, g):
-    """(dA, dB) of the same sum for y's cotangent g, from the pairs with nonzero coef alone.
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def pair_adapter_grads(x, lora_a, lora_b, indices, coef, g, listed=None, *,
+                       blocks: MissedAddBlockSizes = MissedAddBlockSizes(), interpret: bool = False):
+    """(dA [N, I, r], dB [N, r, O] in the adapters' dtypes) of the same sum for y's cotangent g, from the pairs
+    with nonzero coef alone.
 
-    Those pairs are moved to the front and taken BACKWARD_PAIRS_PER_STEP at a time by a loop that stops after
-    the last one, so the cost follows the misses and the temporaries stay at one step's gathered adapters (a
-    per-token gather of every pair would copy [T, K, I, r] and [T, K, r, O]). XLA drops the loop when nothing
-    uses its result, as when only the gates train."""
-    t, k = indices.shape
-    step = BACKWARD_PAIRS_PER_STEP
-    flat_coef = coef.reshape(-1).astype(jnp.float32)
-    count = jnp.sum(flat_coef != 0)
-    order = jnp.pad(jnp.argsort(flat_coef == 0, stable=True), (0, -(t * k) % step))  # the padding is past count
-    g = g.astype(x.dtype)
-
-    def body(carry):  # dA = c x^T (g B^T), dB = c (x A)^T g
-        start, da, db = carry
-        pair = jax.lax.dynamic_slice(order, (start,), (step,))
-        token, adapter = pair // k, indices.reshape(-1)[pair].astype(jnp.int32)
-        c = jnp.where(start + jnp.arange(step) < count, flat_coef[pair], 0.0)[:, None]
-        a, b = lora_a[adapter].astype(x.dtype), lora_b[adapter].astype(x.dtype)
-        xa = jnp.einsum("PI,PIR->PR", x[token], a, preferred_element_type=jnp.float32)
-        gb = jnp.einsum("PO,PRO->PR", g[token], b, preferred_element_type=jnp.float32)
-        da = da.at[adapter].add(jnp.einsum("PI,PR->PIR", x[token].astype(jnp.float32), gb * c))
-        db = db.at[adapter].add(jnp.einsum("PR,PO->PRO", xa * c, g[token].astype(jnp.float32)))
-        return start + step, da, db
-
-    init = (0, jnp.zeros(lora_a.shape, jnp.float32), jnp.zeros(lora_b.shape, jnp.float32))
-    _, da, db = jax.lax.while_loop(lambda carry: carry[0] < count, body, init)
-    return da.astype(lora_a.dtype), db.astype(lora_b.dtype)
+    One kernel, no loop in XLA: its programs walk the list of the tokens with a nonzero coef as missed_add's do
+    (listed: (per_tile, tokens) as missed_token_list gives them; None: built here), and each pair adds its
+    c x^T (g B^T) and c (x A)^T g into float32 gradients by atomic adds, since pairs of one adapter fall to many
+    programs. So the cost follows the pairs and the temporaries are the two gradients. Their sums' order varies
+    from run to run in the last bits. I and O must be multiples of 16."""
+    t, i, n, r, o = _pair_shapes(x, lora_a, lora_b, indices, coef, g)
+    if i % 16 or o % 16:
+        raise ValueError(f"x {x.shape} and g {g.shape}: the adapters' gradient kernel takes features in multiples "
+                         "of 16")
+    blocks = dataclasses.replace(blocks, block_in=math.gcd(i, blocks.block_in), block_out=math.gcd(o, blocks.block_out),
+                                 span_out=math.gcd(o, blocks.span_out))
+    blocks.check()
+    if t == 0:
+        return jnp.zeros_like(lora_a), jnp.zeros_like(lora_b)
+    listed = check_listed(missed_token_list(coef, t) if listed is None else listed, t)
+    rank_lanes = pl.next_power_of_2(r)  # the gradients' rank lanes: exact where r is a power of two
+    tiles = listed[0].shape[0]
+    kernel = functools.partial(_adapter_kernel, top_k=indices.shape[1], tiles=tiles, tile_tokens=t // tiles,
+                               in_features=i, out_features=o, rank=r, rank_lanes=rank_lanes, blocks=blocks)
+    zeros = (jnp.zeros((n, i, rank_lanes), jnp.float32), jnp.zeros((n, rank_lanes, o), jnp.float32))
+    da, db = _call_over_pairs(kernel, "meteora_pair_adapter_grads", zeros, listed, indices, coef, x, lora_a, lora_b,
+                              g, blocks=blocks, interpret=interpret)
+    return da[:, :, :r].astype(lora_a.dtype), db[:, :r].astype(lora_b.dtype)
