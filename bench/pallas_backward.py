@@ -2,7 +2,9 @@
 its form (dx by the grouped kernels on the transposed adapters, dcoef from per-pair gathers of A and B in XLA)
 against the per-token pair kernel of `fused`'s miss path (meteora_jax/pallas/pair_grads.py) given every pair
 (every coefficient is nonzero), bf16, r = 8, with each form's error against the float32 reference. Routing: runs
-of 96 tokens (as prompts route) and a random gate.
+of 96 tokens (as prompts route) and a random gate. Its results (session 9) are of the pair kernel as it was then,
+its 4096 programs owning the tokens p, p + 4096, ...; since session 17 it walks a list of the tokens with a
+nonzero coefficient, built per call here (the sort counted in its time).
 
 Usage: python bench/pallas_backward.py [--out FILE]   (GPU)
 """

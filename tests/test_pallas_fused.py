@@ -364,6 +364,26 @@ def test_fused_runs_the_adapters_gradient_kernel_only_where_they_train():
     assert kernels((0, 1, 2, 3)) == kernels((3,)) == {"meteora_pair_grads", "meteora_pair_adapter_grads"}
 
 
+def test_fused_takes_no_cotangent_from_a_custom_vjp_downstream():
+    rng = np.random.default_rng(9)
+    x, w, a, b, scaling = layer_operands(rng, 128, 128, 128, 12, 8)
+    indices, weights = runs_of_adapters(rng, 128, 12, run=1)
+
+    @jax.custom_vjp
+    def blocked(y):
+        return y
+
+    blocked.defvjp(lambda y: (y, None), lambda _, g: (None,))
+
+    def loss(x, a):
+        y = fused_linear(x, w, a, b, scaling, indices, weights, blocks=SMALL_GEMM, interpret=INTERPRET)
+        return jnp.sum(blocked(y).astype(jnp.float32)) + jnp.sum(x.astype(jnp.float32))
+
+    dx, da = jax.grad(loss, argnums=(0, 1))(x, a)
+    np.testing.assert_array_equal(dx, jnp.ones_like(x))
+    np.testing.assert_array_equal(da, jnp.zeros_like(a))
+
+
 def test_fused_linear_names_the_callers_shapes():
     rng = np.random.default_rng(11)
     x, w, a, b, scaling = layer_operands(rng, 100, 64, 128, 4, 8)

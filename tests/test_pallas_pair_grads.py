@@ -105,6 +105,17 @@ def test_no_tokens_give_zero_gradients():
     assert da.shape == a.shape and db.shape == b.shape
 
 
+def test_an_infinite_coefficient_gives_the_reference_s_infinities():
+    """Padded rank lanes must not turn inf x 0 into NaN."""
+    x, a, b, indices, coef, g = pairs(0.1, t=16)
+    coef = coef.at[3, 0].set(jnp.inf)
+    dx, _ = pair_input_grads(x, a, b, indices, coef, g, interpret=not ON_GPU)
+    ref_dx, _ = pair_input_grads_reference(x, a, b, indices, coef, g)
+    np.testing.assert_array_equal(np.isnan(dx), np.isnan(ref_dx))
+    np.testing.assert_array_equal(np.isinf(dx), np.isinf(ref_dx))
+    assert np.isinf(ref_dx).any()
+
+
 def test_adapter_grads_name_what_they_cannot_take():
     x, a, b, indices, coef, g = pairs(0.1)
     with pytest.raises(ValueError, match=r"shape mismatch: x \(300, 48\).*lora_b \(5, 3, 80\)"):
@@ -115,9 +126,12 @@ def test_adapter_grads_name_what_they_cannot_take():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="full-size kernel tests need a GPU")
-@pytest.mark.parametrize("t, i, o, programs", [(4096, 4096, 4096, 4096), (4096, 576, 1536, 256)])
-def test_full_size_on_gpu(t, i, o, programs):  # 4096 programs: more than the ~400 listed tokens; 576: edge lanes
-    x, a, b, indices, coef, g = pairs(0.05, t=t, i=i, o=o, n=64, r=8, dtype=jnp.bfloat16)
+# 4096 programs: more than the ~400 listed tokens; 576: edge lanes; r = 2: atomic tiles of fewer elements than a
+# program has threads
+@pytest.mark.parametrize("t, i, o, r, programs", [(4096, 4096, 4096, 8, 4096), (4096, 576, 1536, 8, 256),
+                                                  (512, 64, 64, 2, 256)])
+def test_full_size_on_gpu(t, i, o, r, programs):
+    x, a, b, indices, coef, g = pairs(0.05, t=t, i=i, o=o, n=64, r=r, dtype=jnp.bfloat16)
     listed = missed_token_list(coef, 128)  # per 128-token tile, as the routing kernel lists them
     dx, dcoef = pair_input_grads(x, a, b, indices, coef, g, listed, blocks=MissedAddBlockSizes(programs=programs))
     ref_dx, ref_dcoef = pair_input_grads_reference(x, a, b, indices, coef, g)

@@ -105,6 +105,8 @@ def _add_missed_backward(interpret, residuals, g):
     through the GEMM's) or have routing weight exactly 0, whose softmax derivative is 0 too (the adapters'
     scaling, which would need it, never trains). The adapters' gradients are None (zero) where they are frozen,
     as in gate training."""
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):  # a custom VJP downstream sent no cotangent
+        return (None,) * 8
     x, lora_a, lora_b, indices, missed, listed, adapters_train = residuals
     blocks = _missed_blocks(x, g)
     dx, dmissed = pair_input_grads(x, lora_a, lora_b, indices, missed, g, listed, blocks=blocks, interpret=interpret)

@@ -30,7 +30,8 @@ class MissedAddBlockSizes:
     """programs: the shrink pass's programs, sharing the listed tokens (program p takes every programs-th entry
     from p); block_in: input features per shrink step. expand_programs x (outputs / span_out): the expand pass's
     grid, its programs sharing the entries the same way, each over span_out outputs in block_out steps.
-    num_warps: both passes'."""
+    num_warps: both passes'. The gradients' kernels (pair_grads.py) take programs, block_in, block_out and
+    num_warps too; the defaults were tuned for the passes."""
 
     # bench/missed_add_tuning.py over the list (session 13), N = 256, T = 16384: nothing missed 3.4 us (1024 x
     # 1024 programs: 6.6), 0.06% missed 15.2 (16.6), a random gate (88% missed) 1481 (1238); N = 1024, T = 4096

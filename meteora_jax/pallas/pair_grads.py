@@ -7,9 +7,9 @@ one gives dx = c (g B^T) A^T and dc = (x A) . (g B^T), each token one program's;
 adapters train, adds each pair's c x^T (g B^T) and c (x A)^T g into float32 gradients atomically, since one
 adapter's pairs fall to many programs. No loop in XLA: a while loop over the pairs, or a conditional, would wait
 on the host for its predicate in every layer's backward (through SmolLM2's `fused` projections such loops took a
-gate step from 88 to 109 ms). Over every pair they are no substitute for XLA's per-pair products, which fuse the
-adapters' gathers: 2.3-2.9x their time at 16384 tokens of 4096 features (bench/NOTES.md; the dx kernel then
-walked the tokens program p owned, p, p + P, ..., with 4096 programs).
+gate step from 88 to 109 ms). Over every pair the dx kernel is no substitute for XLA's per-pair products, which
+fuse the adapters' gathers: 2.3-2.9x their time at 16384 tokens of 4096 features (bench/NOTES.md; it then walked
+the tokens program p owned, p, p + P, ..., with 4096 programs).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _kernel(per_tile_ref, tokens_ref, idx_ref, coef_ref, x_ref, a_ref, b_ref, g_
     def one_choice(t, j):
         adapter = idx_ref[t, j]
         u = project(t, adapter)
-        cu = coef_ref[t, j] * u
+        cu = jnp.where(ranks < rank, coef_ref[t, j] * u, 0)  # padded lanes stay 0 for an infinite coefficient
 
         def shrink_and_add(i, h):  # h = x A, and dx += c u A^T over the same A rows
             cols = i * blocks.block_in + jnp.arange(blocks.block_in)
@@ -103,7 +103,8 @@ def pair_input_grads(x, lora_a, lora_b, indices, coef, g, listed=None, *,
                      blocks: MissedAddBlockSizes = MissedAddBlockSizes(), interpret: bool = False):
     """(dx [T, I] in x's dtype, dcoef [T, K] float32) of y += sum_j coef[t, j] (x[t] A[idx]) B[idx] for y's
     cotangent g [T, O], over the pairs of nonzero coef (zero elsewhere). listed: the tokens with one, (per_tile,
-    tokens) as missed_token_list gives them (None: built here); each is one program's, so dx needs no atomics.
+    tokens) as missed_token_list gives them, each token once (None: built here); each is one program's, so dx
+    needs no atomics.
     Any feature counts: block_in and block_out shrink to them (blocks.expand_programs and span_out are not used)."""
     t, i, n, r, o = _pair_shapes(x, lora_a, lora_b, indices, coef, g)
     blocks = dataclasses.replace(blocks, block_in=min(blocks.block_in, max(pl.next_power_of_2(i), 16)),
