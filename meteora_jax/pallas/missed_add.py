@@ -152,14 +152,14 @@ def missed_add(x, lora_a, lora_b, indices, coef, y, listed=None, *,
     the tokens as one tile. I must tile by block_in, O by span_out; indices must lie in [0, N). Forward only: its
     gradients are in pair_grads.py."""
     check_missed_operands(x, lora_a, lora_b, indices, coef, y, blocks)
-    listed = check_listed(missed_token_list(coef, x.shape[0]) if listed is None else listed, x.shape[0])
+    listed = check_listed(listed, coef)
     indices, coef = indices.astype(jnp.int32), coef.astype(jnp.float32)
     r = lora_a.shape[-1]
     h = pl.pallas_call(
-        functools.partial(_shrink_kernel, in_features=x.shape[1], **_walk_params(r, indices, listed, blocks)),
+        functools.partial(_shrink_kernel, in_features=x.shape[1], **walk_params(r, indices, listed, blocks)),
         out_shape=jax.ShapeDtypeStruct(missed_shrink_shape(indices, r), jnp.float32),
         grid=(blocks.programs,),
-        compiler_params=_compiler_params(blocks),
+        compiler_params=compiler_params(blocks),
         interpret=interpret,
         name="meteora_missed_shrink",
     )(*listed, indices, coef, x, lora_a)
@@ -174,11 +174,11 @@ def missed_expand_add(lora_b, indices, coef, h, y, listed, *, blocks: MissedAddB
         raise ValueError(f"h {h.shape} must be {missed_shrink_shape(indices, r)} for indices {indices.shape} at "
                          f"rank {r}")
     return pl.pallas_call(
-        functools.partial(_expand_kernel, **_walk_params(r, indices, listed, blocks)),
+        functools.partial(_expand_kernel, **walk_params(r, indices, listed, blocks)),
         out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
         grid=(blocks.expand_programs, y.shape[1] // blocks.span_out),
         input_output_aliases={6: 0},
-        compiler_params=_compiler_params(blocks),
+        compiler_params=compiler_params(blocks),
         interpret=interpret,
         name="meteora_missed_add",
     )(*listed, indices.astype(jnp.int32), coef.astype(jnp.float32), h, lora_b, y)
@@ -196,9 +196,11 @@ def check_missed_operands(x, lora_a, lora_b, indices, coef, y, blocks: MissedAdd
                          f"spans of {blocks.span_out} outputs")
 
 
-def check_listed(listed, tokens: int):
-    """The list of missed tokens (per_tile, tokens) as int32, once it is checked to count whole tiles."""
-    per_tile, listed_tokens = listed
+def check_listed(listed, coef):
+    """The list of missed tokens (per_tile, tokens) as int32, once it is checked to count whole tiles of coef's
+    [T, K] tokens; None: built from coef with the tokens as one tile."""
+    tokens = coef.shape[0]
+    per_tile, listed_tokens = missed_token_list(coef, tokens) if listed is None else listed
     tiles = per_tile.shape[0]
     if listed_tokens.shape != (tokens,) or tiles < 1 or tokens % tiles:
         raise ValueError(f"the list of missed tokens, per_tile {per_tile.shape} and tokens {listed_tokens.shape}, "
@@ -215,12 +217,14 @@ def missed_rank_lanes(rank: int) -> int:
     return max(pl.next_power_of_2(rank), 16)
 
 
-def _walk_params(rank: int, indices, listed, blocks: MissedAddBlockSizes):
+def walk_params(rank: int, indices, listed, blocks: MissedAddBlockSizes, rank_block: int | None = None):
+    """The static parameters of a kernel that walks the list (walk_listed_choices) over [T, K] indices, its rank
+    lanes missed_rank_lanes(rank) unless given."""
     t, top_k = indices.shape
     tiles = listed[0].shape[0]
-    return dict(top_k=top_k, tiles=tiles, tile_tokens=t // tiles, rank=rank, rank_block=missed_rank_lanes(rank),
-                blocks=blocks)
+    return dict(top_k=top_k, tiles=tiles, tile_tokens=t // tiles, rank=rank,
+                rank_block=missed_rank_lanes(rank) if rank_block is None else rank_block, blocks=blocks)
 
 
-def _compiler_params(blocks: MissedAddBlockSizes):
+def compiler_params(blocks: MissedAddBlockSizes):
     return plt.CompilerParams(num_warps=blocks.num_warps, num_stages=2)

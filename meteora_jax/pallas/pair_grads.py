@@ -27,10 +27,11 @@ from meteora_jax.pallas.in_place import add_into
 from meteora_jax.pallas.missed_add import (
     MissedAddBlockSizes,
     check_listed,
+    compiler_params,
     listed_counts,
     missed_add_reference,
-    missed_token_list,
     walk_listed_choices,
+    walk_params,
 )
 
 
@@ -112,11 +113,9 @@ def pair_input_grads(x, lora_a, lora_b, indices, coef, g, listed=None, *,
     blocks.check()
     if t == 0:
         return jnp.zeros_like(x), jnp.zeros(coef.shape, jnp.float32)
-    listed = check_listed(missed_token_list(coef, t) if listed is None else listed, t)
-    tiles = listed[0].shape[0]
-    kernel = functools.partial(_kernel, top_k=indices.shape[1], tiles=tiles, tile_tokens=t // tiles, in_features=i,
-                               out_features=o, rank=r, rank_block=max(pl.next_power_of_2(r), 16), interpret=interpret,
-                               blocks=blocks)
+    listed = check_listed(listed, coef)
+    kernel = functools.partial(_kernel, in_features=i, out_features=o, interpret=interpret,
+                               **walk_params(r, indices, listed, blocks))
     return _call_over_pairs(kernel, "meteora_pair_grads", (jnp.zeros_like(x), jnp.zeros(coef.shape, jnp.float32)),
                             listed, indices, coef, x, lora_a, lora_b, g, blocks=blocks, interpret=interpret)
 
@@ -129,17 +128,17 @@ def _call_over_pairs(kernel, name: str, zeros, listed, indices, coef, x, lora_a,
         out_shape=tuple(jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros),
         grid=(blocks.programs,),
         input_output_aliases={8: 0, 9: 1},
-        compiler_params=plt.CompilerParams(num_warps=blocks.num_warps, num_stages=2),
+        compiler_params=compiler_params(blocks),
         interpret=interpret,
         name=name,
     )(*listed, indices.astype(jnp.int32), coef.astype(jnp.float32), x, lora_a, lora_b, g.astype(x.dtype), *zeros)
 
 
 def _adapter_kernel(per_tile_ref, tokens_ref, idx_ref, coef_ref, x_ref, a_ref, b_ref, g_ref, da_in_ref, db_in_ref,
-                    da_ref, db_ref, *, top_k, tiles, tile_tokens, in_features, out_features, rank, rank_lanes,
+                    da_ref, db_ref, *, top_k, tiles, tile_tokens, in_features, out_features, rank, rank_block,
                     blocks: MissedAddBlockSizes):
     del da_in_ref, db_in_ref  # aliased to da_ref and db_ref
-    ranks = jnp.arange(rank_lanes)
+    ranks = jnp.arange(rank_block)
     counts = listed_counts(per_tile_ref, tiles)
 
     def one_choice(t, j):
@@ -150,21 +149,21 @@ def _adapter_kernel(per_tile_ref, tokens_ref, idx_ref, coef_ref, x_ref, a_ref, b
 
         def project(s, u):  # u = g B^T
             g = g_ref[t, output_block(s)].astype(jnp.float32)
-            b = plt.load(b_ref.at[adapter, pl.ds(0, rank_lanes), output_block(s)], mask=(ranks < rank)[:, None],
+            b = plt.load(b_ref.at[adapter, pl.ds(0, rank_block), output_block(s)], mask=(ranks < rank)[:, None],
                          other=0)
             return u + jnp.sum(b.astype(jnp.float32) * g[None, :], axis=1)
 
-        u = jax.lax.fori_loop(0, out_features // blocks.block_out, project, jnp.zeros((rank_lanes,), jnp.float32))
+        u = jax.lax.fori_loop(0, out_features // blocks.block_out, project, jnp.zeros((rank_block,), jnp.float32))
 
         def shrink_and_add(s, h):  # h = x A, and dA += c x^T u over the same A rows
             rows = pl.ds(s * blocks.block_in, blocks.block_in)
             x = x_ref[t, rows].astype(jnp.float32)
-            a = plt.load(a_ref.at[adapter, rows, pl.ds(0, rank_lanes)], mask=(ranks < rank)[None, :], other=0)
+            a = plt.load(a_ref.at[adapter, rows, pl.ds(0, rank_block)], mask=(ranks < rank)[None, :], other=0)
             plt.atomic_add(da_ref, (adapter, rows, slice(None)), (c * x)[:, None] * u[None, :])
             return h + jnp.sum(x[:, None] * a.astype(jnp.float32), axis=0)
 
         ch = c * jax.lax.fori_loop(0, in_features // blocks.block_in, shrink_and_add,
-                                   jnp.zeros((rank_lanes,), jnp.float32))
+                                   jnp.zeros((rank_block,), jnp.float32))
 
         def expand_add(s, carry):  # dB += c h^T g
             g = g_ref[t, output_block(s)].astype(jnp.float32)
@@ -197,11 +196,10 @@ def pair_adapter_grads(x, lora_a, lora_b, indices, coef, g, listed=None, *,
     blocks.check()
     if t == 0:
         return jnp.zeros_like(lora_a), jnp.zeros_like(lora_b)
-    listed = check_listed(missed_token_list(coef, t) if listed is None else listed, t)
+    listed = check_listed(listed, coef)
     rank_lanes = pl.next_power_of_2(r)  # the gradients' rank lanes: exact where r is a power of two
-    tiles = listed[0].shape[0]
-    kernel = functools.partial(_adapter_kernel, top_k=indices.shape[1], tiles=tiles, tile_tokens=t // tiles,
-                               in_features=i, out_features=o, rank=r, rank_lanes=rank_lanes, blocks=blocks)
+    kernel = functools.partial(_adapter_kernel, in_features=i, out_features=o,
+                               **walk_params(r, indices, listed, blocks, rank_block=rank_lanes))
     zeros = (jnp.zeros((n, i, rank_lanes), jnp.float32), jnp.zeros((n, rank_lanes, o), jnp.float32))
     da, db = _call_over_pairs(kernel, "meteora_pair_adapter_grads", zeros, listed, indices, coef, x, lora_a, lora_b,
                               g, blocks=blocks, interpret=interpret)
